@@ -13,12 +13,13 @@ import torch  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
+    """Everything under tests/gpu/ carries the `gpu` marker; without CUDA those tests skip."""
     skip = pytest.mark.skip(reason="needs CUDA")
     for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+        if "tests/gpu/" in item.nodeid or "gpu" in item.keywords:
+            item.add_marker(pytest.mark.gpu)
+            if not torch.cuda.is_available():
+                item.add_marker(skip)
 
 
 @pytest.fixture(autouse=True)
