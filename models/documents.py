@@ -1,0 +1,47 @@
+"""Document boundaries from position ids, shared by both mixers.
+
+A new document starts wherever `position_ids == 0` (packed batches restart positions per document; left
+padding uses position 1 for pads, so the real prompt starts a document of its own). From that one rule:
+Mamba2 gets `seq_idx` (its state and conv reset at each start) and MLA gets, for every query, the absolute
+index where its document starts (keys before it are masked). Both also hold across calls with a cache.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Documents:
+    seq_idx: torch.Tensor  # (B, T) int32, nondecreasing document number within this call
+    doc_start: torch.Tensor  # (B, T) long, absolute index (cache included) where each token's document starts
+    continues_cache: torch.Tensor  # (B,) bool, the first token continues the cached document
+    past_len: int  # tokens already in the cache
+    # No row starts a document after its first token: Mamba2 needs no seq_idx and, without a cache,
+    # MLA needs no mask beyond causal. One host sync per forward, paid once for all layers.
+    single_document: bool
+
+
+def documents_from_positions(
+    position_ids: torch.Tensor, past_len: int = 0, cached_doc_start: torch.Tensor | None = None
+) -> Documents:
+    batch, length = position_ids.shape
+    is_start = position_ids == 0
+    seq_idx = torch.cumsum(is_start.to(torch.int32), dim=1, dtype=torch.int32)
+    index = torch.arange(past_len, past_len + length, device=position_ids.device).expand(batch, length)
+    starts = torch.where(is_start, index, torch.full_like(index, -1))
+    doc_start = torch.cummax(starts, dim=1).values
+    carried = cached_doc_start if cached_doc_start is not None else torch.zeros_like(doc_start[:, 0])
+    doc_start = torch.where(doc_start < 0, carried[:, None].to(doc_start.dtype), doc_start)
+    continues = (~is_start[:, 0]) & (past_len > 0)
+    single = not bool(is_start[:, 1:].any())
+    return Documents(seq_idx, doc_start, continues, past_len, single)
+
+
+def positions_from_attention_mask(attention_mask: torch.Tensor, length: int) -> torch.Tensor:
+    """HF convention for padded batches: position = cumsum(mask) - 1, pads at 1; the last `length` columns."""
+    positions = attention_mask.long().cumsum(-1) - 1
+    positions = positions.masked_fill(attention_mask == 0, 1)
+    return positions[:, -length:]
