@@ -104,4 +104,3 @@ class HybridCache:
         index = torch.arange(self.batch_size, device=self.doc_start.device).repeat_interleave(repeats)
         self.reorder_cache(index)
         self.batch_size *= repeats
-

@@ -56,9 +56,13 @@ class MLAConfig:
         if self.qk_rope_head_dim < 2 or self.qk_rope_head_dim % 2:
             raise bad("qk_rope_head_dim", self.qk_rope_head_dim, "must be an even number >= 2")
         if self.qk_rope_head_dim > head_dim:
-            raise bad("qk_rope_head_dim", self.qk_rope_head_dim, f"must be <= the teacher head_dim {head_dim}")
+            raise bad(
+                "qk_rope_head_dim", self.qk_rope_head_dim, f"must be <= the teacher head_dim {head_dim}"
+            )
         if self.qk_nope_head_dim < 0 or self.v_head_dim < 1:
-            raise bad("qk_nope_head_dim/v_head_dim", (self.qk_nope_head_dim, self.v_head_dim), "must be >= 0 / >= 1")
+            raise bad(
+                "qk_nope_head_dim/v_head_dim", (self.qk_nope_head_dim, self.v_head_dim), "must be >= 0 / >= 1"
+            )
         if self.rope_heads not in ("shared", "per_kv_head"):
             raise bad("rope_heads", self.rope_heads, "one of 'shared', 'per_kv_head'")
         if self.kv_up_layout not in ("gqa", "per_head"):
@@ -126,7 +130,11 @@ class MambaConfig:
             raise bad("layout", self.layout, "one of 'gqa', 'standard'")
         groups = num_kv_heads if self.layout == "gqa" else self.ngroups
         if nheads % groups:
-            raise bad("ngroups" if self.layout == "standard" else "layout", groups, f"must divide num_heads={nheads}")
+            raise bad(
+                "ngroups" if self.layout == "standard" else "layout",
+                groups,
+                f"must divide num_heads={nheads}",
+            )
         if (nheads * self.headdim) % self.norm_groups:
             raise bad("norm_groups", self.norm_groups, f"must divide d_inner={nheads * self.headdim}")
         lo, hi = self.dt_limit

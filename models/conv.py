@@ -34,9 +34,11 @@ def causal_conv1d(
         return out, padded[..., length:]
     # Document id of every padded position; carried-state positions belong to the first document.
     ids = torch.cat([seq_idx[:, :1].expand(batch, k - 1), seq_idx], dim=-1)  # (B, K-1+T)
-    out = x.new_zeros(batch, channels, length) if bias is None else bias[None, :, None].expand(
-        batch, channels, length
-    ).to(x.dtype)
+    out = (
+        x.new_zeros(batch, channels, length)
+        if bias is None
+        else bias[None, :, None].expand(batch, channels, length).to(x.dtype)
+    )
     for tap in range(k):
         same_doc = (ids[:, tap : tap + length] == seq_idx)[:, None, :]  # (B, 1, T)
         out = out + padded[..., tap : tap + length] * weight[None, :, tap, None] * same_doc

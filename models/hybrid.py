@@ -120,7 +120,9 @@ class HybridModel(HybridPreTrainedModel):
     def rope(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin (B, T, head_dim/2) of the teacher's full RoPE table; MLA layers pick their pairs."""
         c = self.config
-        inv_freq, scaling = rope_inv_freq(c.rope_parameters, c.head_dim, c.max_position_embeddings, position_ids.device)
+        inv_freq, scaling = rope_inv_freq(
+            c.rope_parameters, c.head_dim, c.max_position_embeddings, position_ids.device
+        )
         return rope_cos_sin(position_ids, inv_freq, scaling)
 
     def forward(
@@ -139,7 +141,8 @@ class HybridModel(HybridPreTrainedModel):
         past = cache.seen_tokens if cache is not None else 0
         if attention_mask is not None and attention_mask.dim() != 2:
             raise ValueError(
-                f"attention_mask must be 2D (batch, past+new tokens), got shape {tuple(attention_mask.shape)}; "
+                "attention_mask must be 2D (batch, past+new tokens), got shape "
+                f"{tuple(attention_mask.shape)}; "
                 "express packed documents through position_ids that restart at 0"
             )
         if position_ids is None:
@@ -153,7 +156,9 @@ class HybridModel(HybridPreTrainedModel):
         for i, layer in enumerate(self.layers):
             layer_cache = cache[i] if cache is not None else None
             if self.gradient_checkpointing and self.training:
-                hidden = self._gradient_checkpointing_func(layer.__call__, hidden, cos, sin, docs, layer_cache)
+                hidden = self._gradient_checkpointing_func(
+                    layer.__call__, hidden, cos, sin, docs, layer_cache
+                )
             else:
                 hidden = layer(hidden, cos, sin, docs, layer_cache)
             if output_hidden_states:
@@ -225,7 +230,9 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             loss = F.cross_entropy(
-                logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(logits.device), ignore_index=-100
+                logits[:, :-1].flatten(0, 1).float(),
+                labels[:, 1:].flatten().to(logits.device),
+                ignore_index=-100,
             )
         return CausalLMOutputWithPast(
             loss=loss, logits=logits, hidden_states=out.hidden_states, **{CACHE_FIELD: cache}

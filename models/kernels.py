@@ -13,8 +13,9 @@ import importlib
 import importlib.util
 import sys
 import types
+from collections.abc import Callable
 from functools import cache
-from typing import Any, Callable
+from typing import Any
 
 
 def _import_triton_module(name: str) -> Any | None:

@@ -15,11 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import kernels
 from .cache import MambaLayerCache
 from .config import HybridConfig
 from .conv import causal_conv1d, causal_conv1d_step
 from .documents import Documents
+from .kernels import triton_chunk_scan, triton_state_update
 from .norm import GatedRMSNorm
 from .ssd import selective_state_update_ref, ssd_chunk_scan_ref
 
@@ -38,12 +38,19 @@ class Mamba2(nn.Module):
             config.hidden_size, dims.d_inner + dims.conv_dim + dims.nheads, bias=m.in_proj_bias
         )
         self.conv1d = nn.Conv1d(
-            dims.conv_dim, dims.conv_dim, m.d_conv, groups=dims.conv_dim, padding=m.d_conv - 1, bias=m.conv_bias
+            dims.conv_dim,
+            dims.conv_dim,
+            m.d_conv,
+            groups=dims.conv_dim,
+            padding=m.d_conv - 1,
+            bias=m.conv_bias,
         )
         self.dt_bias = nn.Parameter(torch.zeros(dims.nheads))
         self.A_log = nn.Parameter(torch.zeros(dims.nheads))
         self.D = nn.Parameter(torch.ones(dims.nheads))
-        self.norm = GatedRMSNorm(dims.d_inner, eps=1e-5, groups=m.norm_groups, norm_before_gate=m.norm_before_gate)
+        self.norm = GatedRMSNorm(
+            dims.d_inner, eps=1e-5, groups=m.norm_groups, norm_before_gate=m.norm_before_gate
+        )
         self.out_proj = nn.Linear(dims.d_inner, config.hidden_size, bias=m.out_proj_bias)
 
     def _split_xbc(self, xbc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -83,11 +90,22 @@ class Mamba2(nn.Module):
         )
         x, b, c = self._split_xbc(F.silu(conv_out.transpose(1, 2)))  # (B, T, H, P), (B, T, G, N) x2
         initial = cache.ssm_state if cache is not None and docs.past_len > 0 else None
-        scan = self._triton(kernels.triton_chunk_scan, hidden) or ssd_chunk_scan_ref
+        scan = self._triton(triton_chunk_scan, hidden) or ssd_chunk_scan_ref
         result = scan(
-            x, dt, -torch.exp(self.A_log.float()), b, c, self.chunk_size,
-            D=self.D, z=None, dt_bias=self.dt_bias, initial_states=initial, seq_idx=seq_idx,
-            dt_softplus=True, dt_limit=self.dt_limit, return_final_states=cache is not None,
+            x,
+            dt,
+            -torch.exp(self.A_log.float()),
+            b,
+            c,
+            self.chunk_size,
+            D=self.D,
+            z=None,
+            dt_bias=self.dt_bias,
+            initial_states=initial,
+            seq_idx=seq_idx,
+            dt_softplus=True,
+            dt_limit=self.dt_limit,
+            return_final_states=cache is not None,
         )
         y = result[0] if cache is not None else result
         if cache is not None:
@@ -96,17 +114,21 @@ class Mamba2(nn.Module):
         y = self.norm(y.flatten(-2), z)  # (B, T, d_inner)
         return self.out_proj(y)
 
-    def _step(self, z: torch.Tensor, xbc: torch.Tensor, dt: torch.Tensor, cache: MambaLayerCache) -> torch.Tensor:
+    def _step(
+        self, z: torch.Tensor, xbc: torch.Tensor, dt: torch.Tensor, cache: MambaLayerCache
+    ) -> torch.Tensor:
         """One token per row: conv and SSM states advance in place."""
         d = self.dims
-        xbc = F.silu(causal_conv1d_step(xbc[:, 0], cache.conv_state, self.conv1d.weight[:, 0, :], self.conv1d.bias))
+        xbc = F.silu(
+            causal_conv1d_step(xbc[:, 0], cache.conv_state, self.conv1d.weight[:, 0, :], self.conv1d.bias)
+        )
         x, b, c = self._split_xbc(xbc)  # (B, H, P), (B, G, N), (B, G, N)
         # softplus and the dt limits in torch (mamba-ssm's step kernel has no limits), identical to the scan.
         dt = F.softplus(dt[:, 0].float() + self.dt_bias.float())
         if self.dt_limit != (0.0, float("inf")):
             dt = dt.clamp(*self.dt_limit)
         a = -torch.exp(self.A_log.float())
-        update = self._triton(kernels.triton_state_update, xbc) or selective_state_update_ref
+        update = self._triton(triton_state_update, xbc) or selective_state_update_ref
         y = update(
             cache.ssm_state,
             x,

@@ -45,9 +45,13 @@ class MLA(nn.Module):
             self.q_a_proj = nn.Linear(hidden, c.q_lora_rank, bias=False)
             self.q_a_layernorm = RMSNorm(c.q_lora_rank, eps) if c.q_latent_norm else nn.Identity()
             self.q_b_proj = nn.Linear(c.q_lora_rank, self.num_heads * qk_dim, bias=c.qkv_bias)
-        self.kv_a_proj_with_mqa = nn.Linear(hidden, self.kv_lora_rank + self.rope_heads * self.rope_dim, bias=c.qkv_bias)
+        self.kv_a_proj_with_mqa = nn.Linear(
+            hidden, self.kv_lora_rank + self.rope_heads * self.rope_dim, bias=c.qkv_bias
+        )
         self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, eps) if c.latent_norm else nn.Identity()
-        self.kv_b_proj = nn.Linear(self.kv_lora_rank, self.up_heads * (self.nope_dim + self.v_dim), bias=c.qkv_bias)
+        self.kv_b_proj = nn.Linear(
+            self.kv_lora_rank, self.up_heads * (self.nope_dim + self.v_dim), bias=c.qkv_bias
+        )
         self.o_proj = nn.Linear(self.num_heads * self.v_dim, hidden, bias=c.o_bias)
         self.q_norm = RMSNorm(qk_dim, eps) if c.qk_norm else nn.Identity()
         self.k_norm = RMSNorm(self.rope_dim, eps) if c.qk_norm else nn.Identity()
@@ -93,8 +97,11 @@ class MLA(nn.Module):
         """Decompress keys/values for the latents given and run SDPA (training and prefill)."""
         kv = self.kv_b_proj(latent).unflatten(-1, (self.up_heads, -1))  # (B, S, U, nope+v)
         k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
-        k_pe = k_pe.repeat_interleave(self.up_heads // self.rope_heads, dim=2) if self.up_heads >= self.rope_heads \
+        k_pe = (
+            k_pe.repeat_interleave(self.up_heads // self.rope_heads, dim=2)
+            if self.up_heads >= self.rope_heads
             else k_pe
+        )
         if self.rope_heads > self.up_heads:  # per-KV-head RoPE keys with a shared up-projection
             k_nope = k_nope.repeat_interleave(self.rope_heads // self.up_heads, dim=2)
             v = v.repeat_interleave(self.rope_heads // self.up_heads, dim=2)

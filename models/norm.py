@@ -6,11 +6,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import kernels
+from .kernels import triton_rmsnorm_fn
 
 
 class RMSNorm(nn.Module):
-    """x / rms(x) * weight, computed in fp32 and cast back (as HF Llama does, so teacher norms copy exactly)."""
+    """x / rms(x) * weight in fp32, cast back (as HF Llama does, so the teacher's norms copy exactly)."""
 
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -57,9 +57,14 @@ class GatedRMSNorm(nn.Module):
         self.use_triton = True
 
     def forward(self, x: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
-        if self.use_triton and x.is_cuda and kernels.triton_rmsnorm_fn() is not None:
-            return kernels.triton_rmsnorm_fn()(
-                x, self.weight, None, z=z, eps=self.eps, group_size=self.group_size,
+        if self.use_triton and x.is_cuda and triton_rmsnorm_fn() is not None:
+            return triton_rmsnorm_fn()(
+                x,
+                self.weight,
+                None,
+                z=z,
+                eps=self.eps,
+                group_size=self.group_size,
                 norm_before_gate=self.norm_before_gate,
             )
         return gated_rms_norm_ref(x, z, self.weight, self.eps, self.group_size, self.norm_before_gate)

@@ -86,8 +86,10 @@ def test_chunk_scan_matches_recurrence_fp64(
     args = (inp["x"], inp["dt"], inp["A"], inp["B"], inp["C"], chunk)
     out, state = ssd_chunk_scan_ref(*args, **kw)
     ref, ref_state = ssd_recurrence_ref(*args, **kw)
-    print(f"fp64 L={seqlen} chunk={chunk}: out max {_max(out, ref):.2e} (rel {_rel(out, ref):.1e}),",
-          f"state max {_max(state, ref_state):.2e}")
+    print(
+        f"fp64 L={seqlen} chunk={chunk}: out max {_max(out, ref):.2e} (rel {_rel(out, ref):.1e}),",
+        f"state max {_max(state, ref_state):.2e}",
+    )
     assert out.shape == ref.shape and out.dtype == F64 and state.shape == ref_state.shape
     assert _rel(out, ref) < 1e-6
     assert _rel(state, ref_state) < 1e-6
@@ -152,8 +154,10 @@ def test_documents_are_isolated_and_comparison_is_sensitive():
     wrong_A = ssd_chunk_scan_ref(inp["x"], inp["dt"], inp["A"] * 1.001, inp["B"], inp["C"], 8, **kw)
     sign_flip = ssd_recurrence_ref(inp["x"], inp["dt"], -inp["A"], inp["B"], inp["C"], 8, **kw)
     swapped = ssd_chunk_scan_ref(inp["x"], inp["dt"], inp["A"], inp["C"], inp["B"], 8, **kw)
-    errs = {name: _rel(o, ref) for name, o in
-            [("no_reset", no_reset), ("A*1.001", wrong_A), ("-A", sign_flip), ("B<->C", swapped)]}
+    errs = {
+        name: _rel(o, ref)
+        for name, o in [("no_reset", no_reset), ("A*1.001", wrong_A), ("-A", sign_flip), ("B<->C", swapped)]
+    }
     kw_init = {**kw, "initial_states": inp["initial_states"], "seq_idx": None}
     with_init = ssd_recurrence_ref(*args, **kw_init)
     errs["no_init"] = _rel(ssd_chunk_scan_ref(*args, **{**kw_init, "initial_states": None}), with_init)
@@ -165,15 +169,22 @@ def test_fp32_matches_fp64_recurrence():
     lens = [[40, 25, 35], [100]]
     inp = _inputs(2, 100, 8, headdim=8, ngroups=2, dstate=16)
     kw64 = dict(
-        D=inp["D"], z=inp["z"], dt_bias=inp["dt_bias"], initial_states=inp["initial_states"],
-        seq_idx=_seq_idx(lens), dt_softplus=True, return_final_states=True,
+        D=inp["D"],
+        z=inp["z"],
+        dt_bias=inp["dt_bias"],
+        initial_states=inp["initial_states"],
+        seq_idx=_seq_idx(lens),
+        dt_softplus=True,
+        return_final_states=True,
     )
     ref, ref_state = ssd_recurrence_ref(inp["x"], inp["dt"], inp["A"], inp["B"], inp["C"], 32, **kw64)
     f32 = {k: v.float() for k, v in inp.items()}
     kw32 = {k: (v.float() if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in kw64.items()}
     out, state = ssd_chunk_scan_ref(f32["x"], f32["dt"], f32["A"], f32["B"], f32["C"], 32, **kw32)
-    print(f"fp32: out rel {_rel(out, ref):.2e}, max {_max(out, ref):.2e};",
-          f"state rel {_rel(state, ref_state):.2e}")
+    print(
+        f"fp32: out rel {_rel(out, ref):.2e}, max {_max(out, ref):.2e};",
+        f"state rel {_rel(state, ref_state):.2e}",
+    )
     assert out.dtype == torch.float32 and state.dtype == torch.float32
     assert _rel(out, ref) < 1e-4 and _rel(state, ref_state) < 1e-4
 
@@ -205,9 +216,20 @@ def test_gradients_match_recurrence(packed):
     def grads(fn):
         leaves = {k: inp[k].clone().requires_grad_() for k in names}
         out, state = fn(
-            leaves["x"], leaves["dt"], leaves["A"], leaves["B"], leaves["C"], 8,
-            D=leaves["D"], z=leaves["z"], dt_bias=leaves["dt_bias"], initial_states=leaves["initial_states"],
-            seq_idx=seq_idx, dt_softplus=True, dt_limit=(0.05, 0.2), return_final_states=True,
+            leaves["x"],
+            leaves["dt"],
+            leaves["A"],
+            leaves["B"],
+            leaves["C"],
+            8,
+            D=leaves["D"],
+            z=leaves["z"],
+            dt_bias=leaves["dt_bias"],
+            initial_states=leaves["initial_states"],
+            seq_idx=seq_idx,
+            dt_softplus=True,
+            dt_limit=(0.05, 0.2),
+            return_final_states=True,
         )
         loss = (out * w_out).sum() + (state * w_state).sum()
         return dict(zip(names, torch.autograd.grad(loss, list(leaves.values())), strict=True))
@@ -227,8 +249,18 @@ def _scan(inp, t0, t1, initial_states=None):
     """ssd_chunk_scan_ref on tokens [t0, t1) -> (out, final state)."""
     sl = {k: inp[k][:, t0:t1] for k in _TIME_KEYS}
     return ssd_chunk_scan_ref(
-        sl["x"], sl["dt"], inp["A"], sl["B"], sl["C"], 8, D=inp["D"], z=sl["z"], dt_bias=inp["dt_bias"],
-        initial_states=initial_states, dt_softplus=True, return_final_states=True,
+        sl["x"],
+        sl["dt"],
+        inp["A"],
+        sl["B"],
+        sl["C"],
+        8,
+        D=inp["D"],
+        z=sl["z"],
+        dt_bias=inp["dt_bias"],
+        initial_states=initial_states,
+        dt_softplus=True,
+        return_final_states=True,
     )
 
 
@@ -241,10 +273,20 @@ def _step(inp, state, t0, t1):
     outs = []
     for t in range(t0, t1):
         dt = inp["dt"][:, t, :, None].expand(-1, h, p)
-        outs.append(selective_state_update_ref(
-            state, inp["x"][:, t], dt, A, inp["B"][:, t], inp["C"][:, t],
-            D=D, z=inp["z"][:, t], dt_bias=dt_bias, dt_softplus=True,
-        ))
+        outs.append(
+            selective_state_update_ref(
+                state,
+                inp["x"][:, t],
+                dt,
+                A,
+                inp["B"][:, t],
+                inp["C"][:, t],
+                D=D,
+                z=inp["z"][:, t],
+                dt_bias=dt_bias,
+                dt_softplus=True,
+            )
+        )
     return torch.stack(outs, dim=1)
 
 
@@ -291,7 +333,14 @@ def test_step_in_place_dtype_and_headless_layout():
     D, dt_bias = torch.randn(p, dtype=F64), torch.randn(p, dtype=F64)
     o3 = selective_state_update_ref(s3, *args, *BC, D=D, dt_bias=dt_bias, dt_softplus=True)
     o4 = selective_state_update_ref(
-        s4, args[0][:, None], args[1][:, None], args[2][None], BC[0][:, None], BC[1][:, None],
-        D=D[None], dt_bias=dt_bias[None], dt_softplus=True,
+        s4,
+        args[0][:, None],
+        args[1][:, None],
+        args[2][None],
+        BC[0][:, None],
+        BC[1][:, None],
+        D=D[None],
+        dt_bias=dt_bias[None],
+        dt_softplus=True,
     )
     assert torch.equal(o3, o4[:, 0]) and torch.equal(s3, s4[:, 0])

@@ -1,0 +1,69 @@
+"""The student's RoPE table against transformers' own implementation of each variant the teachers use."""
+
+import pytest
+import torch
+from transformers import LlamaConfig
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+from models.rope import apply_rope, rope_inv_freq
+
+VARIANTS = {
+    "linear": {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0},
+    "llama3": {
+        "rope_type": "llama3",
+        "rope_theta": 500000.0,
+        "factor": 32.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    },
+    "yarn": {
+        "rope_type": "yarn",
+        "rope_theta": 1000000.0,
+        "factor": 4.0,
+        "original_max_position_embeddings": 32768,
+    },
+}
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_inv_freq_matches_transformers(name):
+    params = VARIANTS[name]
+    config = LlamaConfig(
+        hidden_size=2048,
+        num_attention_heads=32,
+        head_dim=64,
+        max_position_embeddings=131072,
+        rope_parameters=dict(params),
+    )
+    ref_freq, ref_scale = ROPE_INIT_FUNCTIONS[params["rope_type"]](config, "cpu")
+    freq, scale = rope_inv_freq(params, 64, 131072)
+    assert torch.allclose(freq, ref_freq.float(), rtol=1e-6, atol=0)
+    assert scale == pytest.approx(ref_scale)
+    if name == "llama3":  # the scaling actually changes the low frequencies
+        plain, _ = rope_inv_freq({"rope_type": "default", "rope_theta": 500000.0}, 64, 131072)
+        assert not torch.allclose(freq, plain)
+
+
+def test_default_rope_and_rotation_match_llama_attention():
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
+
+    config = LlamaConfig(
+        hidden_size=64,
+        num_attention_heads=4,
+        head_dim=16,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+    )
+    positions = torch.arange(12)[None]
+    x = torch.randn(1, 4, 12, 16)  # (B, heads, T, d), HF layout
+    cos_hf, sin_hf = LlamaRotaryEmbedding(config)(x, positions)
+    ref, _ = apply_rotary_pos_emb(x, x, cos_hf, sin_hf)
+    freq, scale = rope_inv_freq(config.rope_parameters, 16, 2048)
+    angles = positions[..., None].float() * freq
+    ours = apply_rope(x.transpose(1, 2), angles.cos() * scale, angles.sin() * scale).transpose(1, 2)
+    assert torch.allclose(ours, ref, atol=1e-6)
+
+
+def test_unknown_rope_type_is_refused():
+    with pytest.raises(ValueError, match="rope_type='dynamic' is not supported"):
+        rope_inv_freq({"rope_type": "dynamic", "factor": 2.0}, 64, 2048)
