@@ -185,7 +185,7 @@ class DistillDataModule(L.LightningDataModule):
                     f"data: cannot resume phase {p!r}: the checkpoint consumed {info['consumed']} rows "
                     f"of data {info['fingerprint']} ({info['num_rows']} rows, seed {state['seed']}), "
                     f"but this config gives data {ours.fingerprint} ({len(ours.rows)} rows, "
-                    f"seed {self.cfg.seed}). Sources, tokenizer, seed, seq_len, split fractions or packing options changed; restore them, or "
-                    "start the stage without the checkpoint's data state"
+                    f"seed {self.cfg.seed}). Sources, tokenizer, seed, seq_len, split fractions or packing "
+                    "options changed; restore them, or start the stage without the checkpoint's data state"
                 )
             self.progress[p].consumed = int(info["consumed"])
