@@ -24,7 +24,14 @@ from transformers import PreTrainedTokenizerBase
 from data.batch import collate_rows
 from data.build import PhaseData, build_phases, load_tokenizer
 from data.config import DataConfig
-from data.order import RowDataset, StreamDataset, StreamProgress, StreamSampler, consumed_after
+from data.order import (
+    RowDataset,
+    StreamDataset,
+    StreamLoader,
+    StreamProgress,
+    StreamSampler,
+    consumed_after,
+)
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +94,8 @@ class DistillDataModule(L.LightningDataModule):
         pad = pad if pad is not None else (self.tokenizer.eos_token_id or 0)  # never a target: any valid id
         workers = self.cfg.num_workers
         pin = torch.cuda.is_available() if self.cfg.pin_memory is None else self.cfg.pin_memory
-        return DataLoader(
+        cls = StreamLoader if isinstance(sampler, StreamSampler) else DataLoader
+        return cls(
             dataset,
             batch_size=batch_size,
             sampler=sampler,

@@ -21,7 +21,7 @@ from typing import Any
 
 import datasets
 import numpy as np
-from torch.utils.data import Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 _SALT = 5  # separates this random stream from the split and mixture streams (data/mixture.py)
 
@@ -148,3 +148,16 @@ class RowDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         return self.__getitems__([index])[0]
+
+
+class StreamLoader(DataLoader):
+    """A DataLoader that tells Lightning it resumes mid-epoch (Lightning checks for these two methods).
+
+    The position itself lives in the datamodule's state (checked against the data there), not here.
+    """
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        pass
