@@ -78,22 +78,40 @@ def cu_seqlens(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
     return bounds.to(torch.int32), int((bounds[1:] - bounds[:-1]).max())
 
 
-def packed_causal_mask(position_ids: torch.Tensor) -> torch.Tensor:
-    """(B, 1, T, T) bool, True = may attend: causal within each document, nothing across documents.
+def packed_causal_mask(position_ids: torch.Tensor, dtype: torch.dtype = torch.bool) -> torch.Tensor:
+    """(B, 1, T, T) mask: causal within each document, nothing across documents.
 
-    Hand it to an HF model as `attention_mask` (4D masks are used as given); restarting position
-    ids alone do not isolate documents there.
+    bool (default): True = may attend, what SDPA takes. A floating dtype gives the additive form
+    (0 or the dtype's minimum) that HF's eager attention adds to its scores; eager would silently
+    add a bool mask as 0/1. HF models use a 4D mask as given; restarting position ids alone do not
+    isolate documents there.
     """
     doc = seq_idx(position_ids)  # (B, T)
     t = position_ids.shape[1]
     causal = torch.ones(t, t, dtype=torch.bool, device=position_ids.device).tril()
-    return ((doc[:, :, None] == doc[:, None, :]) & causal)[:, None]  # (B, 1, T, T)
+    keep = ((doc[:, :, None] == doc[:, None, :]) & causal)[:, None]  # (B, 1, T, T)
+    if dtype == torch.bool:
+        return keep
+    return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill(~keep, torch.finfo(dtype).min)
 
 
-def teacher_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Keyword arguments for an HF causal LM forward on a packed batch (no labels: no HF loss)."""
-    return {
-        "input_ids": batch["input_ids"],
-        "position_ids": batch["position_ids"],
-        "attention_mask": packed_causal_mask(batch["position_ids"]),
-    }
+def teacher_inputs(
+    batch: dict[str, torch.Tensor], model: torch.nn.Module | None = None
+) -> dict[str, torch.Tensor]:
+    """Keyword arguments for an HF causal LM forward on a packed batch (no labels: no HF loss).
+
+    The mask follows the model's attention implementation: "sdpa" (also when `model` is None) a
+    bool mask, "eager" an additive one in the model's dtype, "flash_attention_*" none at all (HF's
+    flash path splits packed rows by the restarting position_ids itself; not verified on CPU here).
+    """
+    impl = getattr(getattr(model, "config", None), "_attn_implementation", None) or "sdpa"
+    out = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
+    if impl == "sdpa":
+        out["attention_mask"] = packed_causal_mask(batch["position_ids"])
+    elif impl == "eager":
+        out["attention_mask"] = packed_causal_mask(batch["position_ids"], dtype=model.dtype)
+    elif not impl.startswith("flash_attention"):
+        raise ValueError(
+            f"teacher attention {impl!r} has no packed-document mask here; use sdpa, eager or flash"
+        )
+    return out

@@ -49,7 +49,7 @@ def packed(tokenizer, shared_cache):
     return [chat[0], padded[0], several[0], several[-1]]
 
 
-def _teacher(kind: str, vocab: int, tmp_path) -> torch.nn.Module:
+def _teacher(kind: str, vocab: int, tmp_path, attn: str = "sdpa") -> torch.nn.Module:
     common = dict(
         hidden_size=64,
         num_hidden_layers=2,
@@ -62,15 +62,18 @@ def _teacher(kind: str, vocab: int, tmp_path) -> torch.nn.Module:
     config = LlamaConfig(**common) if kind == "llama" else Qwen2Config(**common)
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / kind)
-    return AutoModelForCausalLM.from_pretrained(tmp_path / kind, dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_pretrained(
+        tmp_path / kind, dtype=torch.float32, attn_implementation=attn
+    ).eval()
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2"])
-def test_teacher_logits_on_packed_batch_equal_each_document_alone(kind, packed, tokenizer, tmp_path):
-    model = _teacher(kind, len(tokenizer), tmp_path)
+@pytest.mark.parametrize(("kind", "attn"), [("llama", "sdpa"), ("qwen2", "sdpa"), ("llama", "eager")])
+def test_teacher_logits_on_packed_batch_equal_each_document_alone(kind, attn, packed, tokenizer, tmp_path):
+    model = _teacher(kind, len(tokenizer), tmp_path, attn)
+    assert model.config._attn_implementation == attn
     batch = collate_rows(packed, SEQ_LEN, tokenizer.pad_token_id)
     with torch.no_grad():
-        logits = model(**teacher_inputs(batch)).logits  # (B, T, V)
+        logits = model(**teacher_inputs(batch, model)).logits  # (B, T, V)
         leaky = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
         worst = worst_leaky = 0.0
         for b, row in enumerate(packed):
@@ -82,7 +85,7 @@ def test_teacher_logits_on_packed_batch_equal_each_document_alone(kind, packed, 
                     worst_leaky, (leaky[b, start : start + len(ids)] - alone).abs().max().item()
                 )
                 start += len(ids)
-    print(f"{kind}: packed vs alone max abs diff {worst:.2e}; position ids only {worst_leaky:.2e}")
+    print(f"{kind} {attn}: packed vs alone max abs diff {worst:.2e}; position ids only {worst_leaky:.2e}")
     assert worst < 1e-4
     assert worst_leaky > 1e-2  # the comparison can fail: restarting positions alone leak across documents
 
@@ -146,6 +149,9 @@ def test_collate_layout_by_hand():
     assert shift_labels(b["labels"]).tolist() == [[6, -100, -100, 9, -100, -100, -100, -100]]
 
 
+flash_cfg = type("C", (), {"_attn_implementation": "flash_attention_2"})()
+
+
 def test_boundary_helpers():
     pos = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2], [0, 1, 2, 3, 4, 5, 0, 1]])
     assert seq_idx(pos).tolist() == [[0, 0, 0, 1, 1, 2, 2, 2], [0, 0, 0, 0, 0, 0, 1, 1]]
@@ -154,10 +160,19 @@ def test_boundary_helpers():
     assert cu.tolist() == [0, 3, 5, 8, 14, 16] and cu.dtype == torch.int32 and longest == 6
     mask = packed_causal_mask(pos)
     assert mask.shape == (2, 1, 8, 8) and mask.dtype == torch.bool
+    additive = packed_causal_mask(pos, torch.float16)
+    assert additive.dtype == torch.float16 and torch.equal(additive == 0, mask)
+    assert (additive[~mask] == torch.finfo(torch.float16).min).all()
     assert mask[0, 0, 4].tolist() == [False, False, False, True, True, False, False, False]
     assert mask[1, 0, 5].tolist() == [True] * 6 + [False] * 2
     with pytest.raises(ValueError, match="start every row with 0"):
         seq_idx(torch.tensor([[1, 2, 0]]))
+    flex = torch.nn.Module()
+    flex.config = type("C", (), {"_attn_implementation": "flex_attention"})()
+    with pytest.raises(ValueError, match="teacher attention 'flex_attention' has no packed-document mask"):
+        teacher_inputs({"input_ids": pos, "position_ids": pos}, flex)
+    flash = teacher_inputs({"input_ids": pos, "position_ids": pos}, type("M", (), {"config": flash_cfg})())
+    assert set(flash) == {"input_ids", "position_ids"}  # flash splits packed rows by position ids
 
 
 def test_best_fit_decreasing_places_every_item_once():

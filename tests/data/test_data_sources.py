@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 
+import datasets
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -34,6 +35,9 @@ def _write(fmt: str, tmp_path) -> str:
     elif fmt == "text":
         p = tmp_path / "d.txt"
         p.write_text("\n".join(TEXTS) + "\n")
+    elif fmt == "saved":  # a directory written by Dataset.save_to_disk
+        p = tmp_path / "saved"
+        datasets.Dataset.from_dict({"text": TEXTS}).save_to_disk(str(p))
     elif fmt == "arrow":
         p = tmp_path / "d.arrow"
         table = pa.table({"text": TEXTS})
@@ -42,7 +46,7 @@ def _write(fmt: str, tmp_path) -> str:
     return str(p)
 
 
-@pytest.mark.parametrize("fmt", ["json", "jsonl", "jsonl.gz", "parquet", "text", "arrow"])
+@pytest.mark.parametrize("fmt", ["json", "jsonl", "jsonl.gz", "parquet", "text", "arrow", "saved"])
 def test_local_formats_load_and_tokenize(fmt, tmp_path, tokenizer):
     cfg = DataConfig(cache_dir=str(tmp_path / "cache"))
     src = load_source(SourceConfig(_write(fmt, tmp_path)), cfg.cache_dir)
@@ -73,6 +77,23 @@ def test_tokenization_is_cached_and_reused(tmp_path, tokenizer):
     )
     assert changed.cache_files[0]["filename"] not in files  # an option change tokenizes anew
     assert changed[0]["input_ids"][0] != tokenizer.bos_token_id
+
+
+def test_tokenization_in_several_processes_matches_one(tmp_path, tokenizer, write_jsonl):
+    rows = [{"text": f"Document {i}: " + "word " * (i % 17)} for i in range(300)]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    one = tokenize_source(
+        load_source(SourceConfig(path), str(tmp_path / "a")),
+        tokenizer,
+        DataConfig(cache_dir=str(tmp_path / "a"), num_proc=1),
+    )
+    two = tokenize_source(
+        load_source(SourceConfig(path), str(tmp_path / "b")),
+        tokenizer,
+        DataConfig(cache_dir=str(tmp_path / "b"), num_proc=2),
+    )
+    assert sum("_of_00002" in f["filename"] for f in two.cache_files) == 2  # really written by two workers
+    assert one["input_ids"] == two["input_ids"] and one._fingerprint == two._fingerprint
 
 
 def _docs(word: str, n: int, rng: np.random.Generator) -> list[dict]:
