@@ -37,6 +37,18 @@ class Recorder(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.0)
 
 
+class SavingRecorder(Recorder):
+    """For spawned ranks: writes what each rank saw, and a checkpoint, before the processes exit."""
+
+    def __init__(self, out: str) -> None:
+        super().__init__()
+        self.out = out
+
+    def on_train_end(self) -> None:
+        torch.save(self.seen, f"{self.out}/rank{self.global_rank}.pt")
+        self.trainer.save_checkpoint(f"{self.out}/w2.ckpt")  # collective: every rank calls it
+
+
 def _dm(cache: str, phase: str = "ild") -> DistillDataModule:
     cfg = DataConfig(
         sources=[SourceConfig(str(tiny_corpus_path()), max_samples=600)],
@@ -51,18 +63,17 @@ def _dm(cache: str, phase: str = "ild") -> DistillDataModule:
 
 
 def _trainer(max_steps: int, **kw) -> L.Trainer:
-    return L.Trainer(
+    args = dict(
         accelerator="cpu",
         devices=1,
-        max_steps=max_steps,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
         limit_val_batches=0,
         num_sanity_val_steps=0,
-        **kw,
     )
+    return L.Trainer(max_steps=max_steps, **(args | kw))
 
 
 def test_lightning_resume_continues_the_stream(shared_cache, tmp_path):
@@ -118,3 +129,23 @@ def test_validation_and_phases(shared_cache):
     assert len(dm.train_dataloader()) == len(dm.phases["kd"].rows) // 4
     with pytest.raises(ValueError, match=r"phase='dpo' is invalid; allowed: \('ild', 'kd'\)"):
         dm.set_phase("dpo")
+
+
+def test_two_process_ddp_keeps_ranks_disjoint_then_resumes_on_one(shared_cache, tmp_path):
+    """Real DDP (2 CPU processes, gloo): Lightning keeps our sampler, ranks see disjoint rows, and the
+    checkpoint resumes on one process with exactly the rest of the stream (world size 2 -> 1)."""
+    k, m = 5, 6
+    trainer = _trainer(k, devices=2, strategy="ddp_spawn")
+    trainer.fit(SavingRecorder(str(tmp_path)), datamodule=_dm(shared_cache))
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    rows = [{bytes(row.numpy()) for batch in seen for row in batch} for seen in ranks]
+    assert len(rows[0]) == len(rows[1]) == k * 4 and not rows[0] & rows[1]
+
+    resumed = Recorder()
+    _trainer(k + m).fit(resumed, datamodule=_dm(shared_cache), ckpt_path=tmp_path / "w2.ckpt")
+    reference = Recorder()
+    _trainer(2 * k + m).fit(reference, datamodule=_dm(shared_cache))
+    stream = [b for step in zip(*ranks, strict=True) for b in step] + resumed.seen
+    assert len(stream) == len(reference.seen) == 2 * k + m
+    for a, b in zip(stream, reference.seen, strict=True):
+        assert torch.equal(a, b)
