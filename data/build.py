@@ -13,6 +13,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from data.config import DataConfig, SourceConfig
 from data.corpus import tiny_corpus_path, tiny_tokenizer_path
 from data.mixture import PHASES, mix, split_documents
+from data.mixture import VERSION as MIX_VERSION
 from data.packing import pack_documents
 from data.sources import load_source
 from data.tokenize import fingerprint, tokenize_source
@@ -76,6 +77,7 @@ def build_phases(
         m = mix([s[phase] for s in splits], lengths, weights, cfg, phase)
         fp = fingerprint(
             "mix",
+            MIX_VERSION,
             [t._fingerprint for t in tokenized],
             weights,
             cfg.seed,
@@ -92,7 +94,7 @@ def build_phases(
         rows = pack_documents(docs, cfg)
         if phase == "eval" and cfg.eval_max_rows is not None and len(rows) > cfg.eval_max_rows:
             rows = rows.select(range(cfg.eval_max_rows))
-        doc_tokens = np.array([lengths[s][d] for s, d in zip(m.source.tolist(), m.doc.tolist(), strict=True)])
+        doc_tokens = np.concatenate(lengths)[offsets[m.source] + m.doc]
         per_source = np.bincount(m.source, weights=doc_tokens, minlength=len(sources)).astype(np.int64)
         num_tokens = int(pc.sum(pc.list_value_length(rows.with_format("arrow")["input_ids"])).as_py() or 0)
         out[phase] = PhaseData(

@@ -15,6 +15,7 @@ from data.config import DataConfig
 
 log = logging.getLogger(__name__)
 
+VERSION = 1  # bump when the split or mixture rule changes: invalidates cached rows
 PHASES = ("ild", "kd", "eval")
 _SALT = {"split": 1, "ild": 2, "kd": 3, "eval": 4}  # independent random streams from one seed
 
@@ -23,6 +24,7 @@ def split_documents(num_docs: int, cfg: DataConfig, source_index: int) -> dict[s
     """Disjoint document indices of one source for "eval", "ild" and "kd".
 
     The held-out set is drawn first, so changing ild_fraction never moves a document into it.
+    Sources are told apart by their position in the config: reordering them redraws the splits.
     """
     perm = np.random.default_rng([cfg.seed, _SALT["split"], source_index]).permutation(num_docs)
     n_eval = round(num_docs * cfg.eval_fraction)
