@@ -49,12 +49,12 @@ class SavingRecorder(Recorder):
         self.trainer.save_checkpoint(f"{self.out}/w2.ckpt")  # collective: every rank calls it
 
 
-def _dm(cache: str, phase: str = "ild") -> DistillDataModule:
+def _dm(cache: str, phase: str = "ild", num_workers: int = 0) -> DistillDataModule:
     cfg = DataConfig(
         sources=[SourceConfig(str(tiny_corpus_path()), max_samples=600)],
         seq_len=128,
         micro_batch_size=4,
-        num_workers=0,
+        num_workers=num_workers,
         cache_dir=cache,
         tokenizer=str(tiny_tokenizer_path()),
         eval_fraction=0.05,
@@ -76,13 +76,14 @@ def _trainer(max_steps: int, **kw) -> L.Trainer:
     return L.Trainer(max_steps=max_steps, **(args | kw))
 
 
-def test_lightning_resume_continues_the_stream(shared_cache, tmp_path):
+@pytest.mark.parametrize("workers", [0, 2])  # 2: worker prefetch must not count as consumed
+def test_lightning_resume_continues_the_stream(shared_cache, tmp_path, workers):
     k, m = 13, 10  # ild: 71 rows, 17 batches per pass: resume mid-pass, then cross into the next one
     full = Recorder()
-    _trainer(k + m).fit(full, datamodule=_dm(shared_cache))
+    _trainer(k + m).fit(full, datamodule=_dm(shared_cache, num_workers=workers))
     assert full.keys == {"input_ids", "position_ids", "labels", "attention_mask"}  # stream_index popped
 
-    first, dm1 = Recorder(), _dm(shared_cache)
+    first, dm1 = Recorder(), _dm(shared_cache, num_workers=workers)
     trainer = _trainer(k)
     trainer.fit(first, datamodule=dm1)
     trainer.save_checkpoint(tmp_path / "k.ckpt")
@@ -91,7 +92,9 @@ def test_lightning_resume_continues_the_stream(shared_cache, tmp_path):
     assert ckpt["DistillDataModule"]["phases"]["ild"]["consumed"] == k * 4
 
     second = Recorder()
-    _trainer(k + m).fit(second, datamodule=_dm(shared_cache), ckpt_path=tmp_path / "k.ckpt")
+    _trainer(k + m).fit(
+        second, datamodule=_dm(shared_cache, num_workers=workers), ckpt_path=tmp_path / "k.ckpt"
+    )
     assert len(second.seen) == m
     for a, b in zip(first.seen + second.seen, full.seen, strict=True):
         assert torch.equal(a, b)

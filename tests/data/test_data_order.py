@@ -44,11 +44,11 @@ def _dm(built, rank=0, world_size=1, num_workers=0, **kw) -> DistillDataModule:
 
 
 def _take(dm: DistillDataModule, n: int) -> list[dict[str, torch.Tensor]]:
-    """Consume n batches the way the training loop does (new pass whenever one ends)."""
-    out, it = [], None
+    """Consume n batches the way Lightning does: one loader, a new pass (iter) whenever one ends."""
+    loader, out, it = dm.train_dataloader(), [], None
     while len(out) < n:
         if it is None:
-            it = iter(dm.train_dataloader())
+            it = iter(loader)
         try:
             batch = next(it)
         except StopIteration:
