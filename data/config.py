@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 FORMATS = ("json", "jsonl", "parquet", "text", "arrow", "hub")
 LONG_SAMPLE_POLICIES = ("split", "drop", "truncate")
@@ -85,6 +87,24 @@ class DataConfig:
         None  # datasets cache (Hub downloads, tokenized and packed arrow); None: HF default
     )
     num_proc: int | None = None  # tokenization processes; None: up to the CPU count for large sources
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> DataConfig:
+        """Build from a plain mapping (e.g. an untyped Hydra DictConfig); unknown keys are errors."""
+        known = {f.name for f in fields(cls)}
+        source_keys = {f.name for f in fields(SourceConfig)}
+        for key in d:
+            if key not in known:
+                _fail(key, d[key], f"known keys {sorted(known)}")
+        sources = []
+        for i, s in enumerate(d.get("sources") or []):
+            if not isinstance(s, SourceConfig):
+                for key in s:
+                    if key not in source_keys:
+                        _fail(f"sources[{i}].{key}", s[key], f"known keys {sorted(source_keys)}")
+                s = SourceConfig(**{k: s[k] for k in s})
+            sources.append(s)
+        return cls(**{**{k: d[k] for k in d}, "sources": sources}).validate()
 
     def validate(self) -> DataConfig:
         """Raise ValueError naming the key, the bad value and what is allowed; return self."""

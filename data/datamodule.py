@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 import lightning as L
@@ -44,15 +45,16 @@ class DistillDataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        cfg: DataConfig,
+        cfg: DataConfig | Mapping[str, Any],
         tokenizer: PreTrainedTokenizerBase | str | None = None,
         phase: str = "kd",
         rank: int | None = None,
         world_size: int | None = None,
     ) -> None:
-        """`rank`/`world_size` default to the trainer's (or torch.distributed's, or 0/1)."""
+        """`cfg` may be a plain mapping (an untyped DictConfig); `rank`/`world_size` default to the
+        trainer's (or torch.distributed's, or 0/1)."""
         super().__init__()
-        self.cfg = cfg.validate()
+        self.cfg = cfg.validate() if isinstance(cfg, DataConfig) else DataConfig.from_dict(cfg)
         self._tokenizer_arg = tokenizer
         self.tokenizer: PreTrainedTokenizerBase | None = None
         self.phases: dict[str, PhaseData] = {}

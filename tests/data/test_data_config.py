@@ -48,3 +48,13 @@ def test_structured_config_round_trip():
 def test_dict_sources_are_converted():
     cfg = DataConfig(sources=[{"name_or_path": "a.jsonl", "weight": 2.0}]).validate()
     assert cfg.sources[0] == SourceConfig("a.jsonl", weight=2.0)
+
+
+def test_from_untyped_mapping():
+    untyped = OmegaConf.create({"seq_len": 64, "sources": [{"name_or_path": "a.jsonl", "weight": 2}]})
+    cfg = DataConfig.from_dict(untyped)
+    assert cfg.seq_len == 64 and cfg.sources == [SourceConfig("a.jsonl", weight=2)]
+    with pytest.raises(ValueError, match=r"seq_lenn=64 is invalid; allowed: known keys"):
+        DataConfig.from_dict({"seq_lenn": 64})
+    with pytest.raises(ValueError, match=r"sources\[0\].path='a' is invalid"):
+        DataConfig.from_dict({"sources": [{"path": "a"}]})
