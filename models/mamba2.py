@@ -137,6 +137,8 @@ class Mamba2(nn.Module):
             b,
             c,
             D=self.D[:, None].expand(-1, d.headdim),
+            # mamba-ssm 2.3's kernel reads dt_bias's strides even when it adds nothing: pass explicit zeros.
+            dt_bias=dt.new_zeros(()).expand(d.nheads, d.headdim),
         )
         y = self.norm(y.flatten(-2)[:, None].to(z.dtype), z)  # (B, 1, d_inner)
         return self.out_proj(y)
