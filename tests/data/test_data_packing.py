@@ -221,3 +221,37 @@ def test_long_sample_policy_end_to_end(policy, tokenizer, tmp_path, write_jsonl)
     else:
         assert lens == short
     assert all(len(r["input_ids"]) <= 16 for r in rows)
+
+
+def test_student_logits_on_packed_batch_equal_each_document_alone(packed, tokenizer):
+    """The student side of point 2: a hybrid (MLA + Mamba2) reads document boundaries from position_ids."""
+    from models import HybridConfig, HybridForCausalLM
+
+    config = HybridConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        mixer_types=["mla", "mamba", "mla"],
+        mla=dict(kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=16),
+        mamba=dict(d_state=16, headdim=16, chunk_size=16),
+    )
+    model = HybridForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("dt_bias"):
+                p.uniform_(-1.0, 1.0)  # state carried over many tokens, so leaks would show
+    batch = collate_rows(packed, SEQ_LEN, tokenizer.pad_token_id)
+    with torch.no_grad():
+        logits = model(batch["input_ids"], position_ids=batch["position_ids"]).logits
+        worst = 0.0
+        for row_index, row in enumerate(packed):
+            start = 0
+            for ids, _ in _docs(row):
+                alone = model(torch.as_tensor(ids)[None]).logits[0]
+                worst = max(worst, (logits[row_index, start : start + len(ids)] - alone).abs().max().item())
+                start += len(ids)
+    print(f"student packed vs alone: max abs diff {worst:.1e}")
+    assert worst < 1e-4

@@ -1,0 +1,1 @@
+"""Training entry points (the distillation pipeline lands here: ILD, KD, DPO, eval, export)."""
