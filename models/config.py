@@ -26,6 +26,8 @@ class MLAConfig:
     """
 
     kv_lora_rank: int = 128
+    # Per-layer latent ranks (index = layer; entries of Mamba2 layers unused), e.g. from the energy rule.
+    kv_lora_ranks: list[int] | None = None
     q_lora_rank: int | None = None  # None: full-rank q_proj (as in Zebra-Llama 1B/3B)
     qk_nope_head_dim: int = 32
     qk_rope_head_dim: int = 32
@@ -56,13 +58,9 @@ class MLAConfig:
         if self.qk_rope_head_dim < 2 or self.qk_rope_head_dim % 2:
             raise bad("qk_rope_head_dim", self.qk_rope_head_dim, "must be an even number >= 2")
         if self.qk_rope_head_dim > head_dim:
-            raise bad(
-                "qk_rope_head_dim", self.qk_rope_head_dim, f"must be <= the teacher head_dim {head_dim}"
-            )
+            raise bad("qk_rope_head_dim", self.qk_rope_head_dim, f"must be <= the teacher head_dim {head_dim}")
         if self.qk_nope_head_dim < 0 or self.v_head_dim < 1:
-            raise bad(
-                "qk_nope_head_dim/v_head_dim", (self.qk_nope_head_dim, self.v_head_dim), "must be >= 0 / >= 1"
-            )
+            raise bad("qk_nope_head_dim/v_head_dim", (self.qk_nope_head_dim, self.v_head_dim), "must be >= 0 / >= 1")
         if self.rope_heads not in ("shared", "per_kv_head"):
             raise bad("rope_heads", self.rope_heads, "one of 'shared', 'per_kv_head'")
         if self.kv_up_layout not in ("gqa", "per_head"):
@@ -77,6 +75,11 @@ class MLAConfig:
                     idx,
                     f"need {self.qk_rope_head_dim // 2} indices in [0, {head_dim // 2})",
                 )
+
+    def rank(self, layer_idx: int) -> int:
+        if self.kv_lora_ranks is not None and self.kv_lora_ranks[layer_idx]:
+            return int(self.kv_lora_ranks[layer_idx])
+        return self.kv_lora_rank
 
     def num_rope_heads(self, num_kv_heads: int) -> int:
         return 1 if self.rope_heads == "shared" else num_kv_heads
@@ -163,7 +166,8 @@ class MambaDims:
         return self.x_heads * self.headdim + (self.b_groups + self.c_groups) * self.d_state
 
 
-def _from_dict(cls, value: Any):
+def config_from_dict(cls, value: Any):
+    """A dataclass from a dict, naming unknown keys."""
     if isinstance(value, cls):
         return value
     value = dict(value or {})
@@ -224,8 +228,8 @@ class HybridConfig(PretrainedConfig):
         # The teacher's RoPE (transformers 5 `rope_parameters` form): rope_type, rope_theta and scaling keys.
         self.rope_parameters = dict(rope_parameters or {"rope_type": "default", "rope_theta": 10000.0})
         self.mixer_types = list(mixer_types) if mixer_types is not None else ["mla"] * num_hidden_layers
-        self.mla = asdict(_from_dict(MLAConfig, mla))
-        self.mamba = asdict(_from_dict(MambaConfig, mamba))
+        self.mla = asdict(config_from_dict(MLAConfig, mla))
+        self.mamba = asdict(config_from_dict(MambaConfig, mamba))
         self.initializer_range = initializer_range
         self.use_cache = use_cache
         super().__init__(
@@ -239,11 +243,11 @@ class HybridConfig(PretrainedConfig):
 
     @property
     def mla_config(self) -> MLAConfig:
-        return _from_dict(MLAConfig, self.mla)
+        return config_from_dict(MLAConfig, self.mla)
 
     @property
     def mamba_config(self) -> MambaConfig:
-        return _from_dict(MambaConfig, self.mamba)
+        return config_from_dict(MambaConfig, self.mamba)
 
     @property
     def mamba_dims(self) -> MambaDims:

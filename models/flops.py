@@ -33,8 +33,8 @@ def student_cache_bytes(
     per_token = constant = 0
     if "mla" in config.mixer_types:
         mla = config.mla_config
-        values = mla.kv_lora_rank + mla.num_rope_heads(config.num_key_value_heads) * mla.qk_rope_head_dim
-        per_token = len(config.mla_layers) * values * _size(dtype)
+        rope = mla.num_rope_heads(config.num_key_value_heads) * mla.qk_rope_head_dim
+        per_token = sum(mla.rank(i) + rope for i in config.mla_layers) * _size(dtype)
     n_mamba = config.mixer_types.count("mamba")
     if n_mamba:
         dims, d_conv = config.mamba_dims, config.mamba_config.d_conv

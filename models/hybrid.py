@@ -120,9 +120,7 @@ class HybridModel(HybridPreTrainedModel):
     def rope(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin (B, T, head_dim/2) of the teacher's full RoPE table; MLA layers pick their pairs."""
         c = self.config
-        inv_freq, scaling = rope_inv_freq(
-            c.rope_parameters, c.head_dim, c.max_position_embeddings, position_ids.device
-        )
+        inv_freq, scaling = rope_inv_freq(c.rope_parameters, c.head_dim, c.max_position_embeddings, position_ids.device)
         return rope_cos_sin(position_ids, inv_freq, scaling)
 
     def forward(
@@ -156,9 +154,7 @@ class HybridModel(HybridPreTrainedModel):
         for i, layer in enumerate(self.layers):
             layer_cache = cache[i] if cache is not None else None
             if self.gradient_checkpointing and self.training:
-                hidden = self._gradient_checkpointing_func(
-                    layer.__call__, hidden, cos, sin, docs, layer_cache
-                )
+                hidden = self._gradient_checkpointing_func(layer.__call__, hidden, cos, sin, docs, layer_cache)
             else:
                 hidden = layer(hidden, cos, sin, docs, layer_cache)
             if output_hidden_states:
@@ -234,9 +230,7 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
                 labels[:, 1:].flatten().to(logits.device),
                 ignore_index=-100,
             )
-        return CausalLMOutputWithPast(
-            loss=loss, logits=logits, hidden_states=out.hidden_states, **{CACHE_FIELD: cache}
-        )
+        return CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=out.hidden_states, **{CACHE_FIELD: cache})
 
     # --- generation -------------------------------------------------------------------------------------
 

@@ -34,9 +34,7 @@ class Mamba2(nn.Module):
         self.dt_limit = tuple(m.dt_limit)
         self.use_triton = m.use_triton
         # in_proj output: [z (d_inner), x (x_heads*P), B (b_groups*N), C (c_groups*N), dt (nheads)]
-        self.in_proj = nn.Linear(
-            config.hidden_size, dims.d_inner + dims.conv_dim + dims.nheads, bias=m.in_proj_bias
-        )
+        self.in_proj = nn.Linear(config.hidden_size, dims.d_inner + dims.conv_dim + dims.nheads, bias=m.in_proj_bias)
         self.conv1d = nn.Conv1d(
             dims.conv_dim,
             dims.conv_dim,
@@ -48,17 +46,13 @@ class Mamba2(nn.Module):
         self.dt_bias = nn.Parameter(torch.zeros(dims.nheads))
         self.A_log = nn.Parameter(torch.zeros(dims.nheads))
         self.D = nn.Parameter(torch.ones(dims.nheads))
-        self.norm = GatedRMSNorm(
-            dims.d_inner, eps=1e-5, groups=m.norm_groups, norm_before_gate=m.norm_before_gate
-        )
+        self.norm = GatedRMSNorm(dims.d_inner, eps=1e-5, groups=m.norm_groups, norm_before_gate=m.norm_before_gate)
         self.out_proj = nn.Linear(dims.d_inner, config.hidden_size, bias=m.out_proj_bias)
 
     def _split_xbc(self, xbc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(..., conv_dim) -> x (..., nheads, P), B and C (..., c_groups, N), repeated to kernel shapes."""
         d = self.dims
-        x, b, c = torch.split(
-            xbc, [d.x_heads * d.headdim, d.b_groups * d.d_state, d.c_groups * d.d_state], dim=-1
-        )
+        x, b, c = torch.split(xbc, [d.x_heads * d.headdim, d.b_groups * d.d_state, d.c_groups * d.d_state], dim=-1)
         x = x.unflatten(-1, (d.x_heads, d.headdim)).repeat_interleave(d.nheads // d.x_heads, dim=-2)
         b = b.unflatten(-1, (d.b_groups, d.d_state)).repeat_interleave(d.c_groups // d.b_groups, dim=-2)
         c = c.unflatten(-1, (d.c_groups, d.d_state))
@@ -67,9 +61,7 @@ class Mamba2(nn.Module):
     def _triton(self, getter, tensor: torch.Tensor):
         return getter() if (self.use_triton and tensor.is_cuda) else None
 
-    def forward(
-        self, hidden: torch.Tensor, docs: Documents, cache: MambaLayerCache | None = None
-    ) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, docs: Documents, cache: MambaLayerCache | None = None) -> torch.Tensor:
         batch, length, _ = hidden.shape
         d = self.dims
         z, xbc, dt = torch.split(self.in_proj(hidden), [d.d_inner, d.conv_dim, d.nheads], dim=-1)
@@ -114,14 +106,10 @@ class Mamba2(nn.Module):
         y = self.norm(y.flatten(-2), z)  # (B, T, d_inner)
         return self.out_proj(y)
 
-    def _step(
-        self, z: torch.Tensor, xbc: torch.Tensor, dt: torch.Tensor, cache: MambaLayerCache
-    ) -> torch.Tensor:
+    def _step(self, z: torch.Tensor, xbc: torch.Tensor, dt: torch.Tensor, cache: MambaLayerCache) -> torch.Tensor:
         """One token per row: conv and SSM states advance in place."""
         d = self.dims
-        xbc = F.silu(
-            causal_conv1d_step(xbc[:, 0], cache.conv_state, self.conv1d.weight[:, 0, :], self.conv1d.bias)
-        )
+        xbc = F.silu(causal_conv1d_step(xbc[:, 0], cache.conv_state, self.conv1d.weight[:, 0, :], self.conv1d.bias))
         x, b, c = self._split_xbc(xbc)  # (B, H, P), (B, G, N), (B, G, N)
         # softplus and the dt limits in torch (mamba-ssm's step kernel has no limits), identical to the scan.
         dt = F.softplus(dt[:, 0].float() + self.dt_bias.float())

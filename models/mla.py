@@ -32,7 +32,7 @@ class MLA(nn.Module):
         self.num_heads = config.num_attention_heads
         self.up_heads = c.num_up_heads(config.num_attention_heads, config.num_key_value_heads)
         self.rope_heads = c.num_rope_heads(config.num_key_value_heads)
-        self.kv_lora_rank = c.kv_lora_rank
+        self.kv_lora_rank = c.rank(layer_idx)
         self.nope_dim, self.rope_dim, self.v_dim = c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim
         qk_dim = self.nope_dim + self.rope_dim
         self.scale = c.softmax_scale or qk_dim**-0.5
@@ -49,9 +49,7 @@ class MLA(nn.Module):
             hidden, self.kv_lora_rank + self.rope_heads * self.rope_dim, bias=c.qkv_bias
         )
         self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, eps) if c.latent_norm else nn.Identity()
-        self.kv_b_proj = nn.Linear(
-            self.kv_lora_rank, self.up_heads * (self.nope_dim + self.v_dim), bias=c.qkv_bias
-        )
+        self.kv_b_proj = nn.Linear(self.kv_lora_rank, self.up_heads * (self.nope_dim + self.v_dim), bias=c.qkv_bias)
         self.o_proj = nn.Linear(self.num_heads * self.v_dim, hidden, bias=c.o_bias)
         self.q_norm = RMSNorm(qk_dim, eps) if c.qk_norm else nn.Identity()
         self.k_norm = RMSNorm(self.rope_dim, eps) if c.qk_norm else nn.Identity()

@@ -85,9 +85,7 @@ def _yarn_inv_freq(
     low, high = max(low, 0), min(high, head_dim - 1)
     if low == high:
         high += 0.001  # avoid a zero-width ramp
-    ramp = (
-        (torch.arange(head_dim // 2, dtype=torch.float32, device=inv_freq.device) - low) / (high - low)
-    ).clamp(0, 1)
+    ramp = ((torch.arange(head_dim // 2, dtype=torch.float32, device=inv_freq.device) - low) / (high - low)).clamp(0, 1)
     extrapolation_weight = 1 - ramp
     blended = (inv_freq / factor) * ramp + inv_freq * extrapolation_weight
     return blended, float(attention_factor)

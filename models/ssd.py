@@ -38,9 +38,7 @@ def _cast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     return None if t is None else t.to(dtype)
 
 
-def _process_dt(
-    dt: Tensor, dt_bias: Tensor | None, dt_softplus: bool, dt_limit: tuple[float, float]
-) -> Tensor:
+def _process_dt(dt: Tensor, dt_bias: Tensor | None, dt_softplus: bool, dt_limit: tuple[float, float]) -> Tensor:
     """mamba-ssm's dt pipeline: + bias, softplus (threshold 20 = F.softplus default), then clamp."""
     if dt_bias is not None:
         dt = dt + dt_bias

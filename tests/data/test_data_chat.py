@@ -55,8 +55,7 @@ def test_template_that_is_not_prefix_stable_is_refused(tokenizer):
     tok = tokenizer.__class__.from_pretrained(tokenizer.name_or_path)
     # Renders the last message differently from earlier ones: prefixes are not prefixes of the whole.
     tok.chat_template = (
-        "{% for m in messages %}{% if loop.last %}[{{ m.content }}]"
-        "{% else %}{{ m.content }}{% endif %}{% endfor %}"
+        "{% for m in messages %}{% if loop.last %}[{{ m.content }}]{% else %}{{ m.content }}{% endif %}{% endfor %}"
     )
     with pytest.raises(DataSourceError, match=r"chat\.jsonl row 0.*does not render conversation prefixes"):
         _tokenized(tok, [CHAT])

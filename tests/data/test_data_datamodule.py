@@ -92,9 +92,7 @@ def test_lightning_resume_continues_the_stream(shared_cache, tmp_path, workers):
     assert ckpt["DistillDataModule"]["phases"]["ild"]["consumed"] == k * 4
 
     second = Recorder()
-    _trainer(k + m).fit(
-        second, datamodule=_dm(shared_cache, num_workers=workers), ckpt_path=tmp_path / "k.ckpt"
-    )
+    _trainer(k + m).fit(second, datamodule=_dm(shared_cache, num_workers=workers), ckpt_path=tmp_path / "k.ckpt")
     assert len(second.seen) == m
     for a, b in zip(first.seen + second.seen, full.seen, strict=True):
         assert torch.equal(a, b)
@@ -103,9 +101,7 @@ def test_lightning_resume_continues_the_stream(shared_cache, tmp_path, workers):
 
 def test_validation_and_phases(shared_cache):
     dm = _dm(shared_cache)
-    trainer = L.Trainer(
-        accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False
-    )
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
     out = trainer.validate(Recorder(), datamodule=dm)
     eval_tokens = sum(len(r) for r in dm.phases["eval"].rows["input_ids"])
     batches = -(-len(dm.phases["eval"].rows) // 4)

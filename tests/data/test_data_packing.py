@@ -62,9 +62,7 @@ def _teacher(kind: str, vocab: int, tmp_path, attn: str = "sdpa") -> torch.nn.Mo
     config = LlamaConfig(**common) if kind == "llama" else Qwen2Config(**common)
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / kind)
-    return AutoModelForCausalLM.from_pretrained(
-        tmp_path / kind, dtype=torch.float32, attn_implementation=attn
-    ).eval()
+    return AutoModelForCausalLM.from_pretrained(tmp_path / kind, dtype=torch.float32, attn_implementation=attn).eval()
 
 
 @pytest.mark.parametrize(("kind", "attn"), [("llama", "sdpa"), ("qwen2", "sdpa"), ("llama", "eager")])
@@ -81,9 +79,7 @@ def test_teacher_logits_on_packed_batch_equal_each_document_alone(kind, attn, pa
             for ids, _ in _docs(row):
                 alone = model(input_ids=torch.as_tensor(ids, dtype=torch.long)[None]).logits[0]
                 worst = max(worst, (logits[b, start : start + len(ids)] - alone).abs().max().item())
-                worst_leaky = max(
-                    worst_leaky, (leaky[b, start : start + len(ids)] - alone).abs().max().item()
-                )
+                worst_leaky = max(worst_leaky, (leaky[b, start : start + len(ids)] - alone).abs().max().item())
                 start += len(ids)
     print(f"{kind} {attn}: packed vs alone max abs diff {worst:.2e}; position ids only {worst_leaky:.2e}")
     assert worst < 1e-4

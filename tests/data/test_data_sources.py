@@ -122,9 +122,7 @@ def test_two_source_mixture_follows_weights(unit, tmp_path, tokenizer, write_jso
     # the rows hold exactly the mixed tokens, and the source share shows in the rows themselves
     rows = kd.rows.with_format("numpy")
     ids = np.concatenate(list(rows["input_ids"]))
-    assert (
-        len(ids) == kd.num_tokens == sum(kd.source_tokens) if unit == "tokens" else len(ids) == kd.num_tokens
-    )
+    assert len(ids) == kd.num_tokens == sum(kd.source_tokens) if unit == "tokens" else len(ids) == kd.num_tokens
     apple = tokenizer("apple", add_special_tokens=False)["input_ids"][0]
     assert apple in ids
 
@@ -157,19 +155,11 @@ def test_splits_are_disjoint_and_sized(tmp_path, tokenizer, write_jsonl):
     phases = build_phases(cfg, tokenizer)
     seen = {}
     for name, p in phases.items():
-        docs = [
-            d
-            for r in p.rows.with_format("numpy")
-            for d in np.split(r["input_ids"], np.cumsum(r["doc_lens"])[:-1])
-        ]
+        docs = [d for r in p.rows.with_format("numpy") for d in np.split(r["input_ids"], np.cumsum(r["doc_lens"])[:-1])]
         seen[name] = {int(tokenizer.decode(d, skip_special_tokens=True).split()[-1]) for d in docs}
         assert len(seen[name]) == len(docs)  # no document twice
     assert len(seen["eval"]) == 50 and len(seen["ild"]) == 190 and len(seen["kd"]) == 760
-    assert (
-        not (seen["eval"] & seen["ild"])
-        and not (seen["eval"] & seen["kd"])
-        and not (seen["ild"] & seen["kd"])
-    )
+    assert not (seen["eval"] & seen["ild"]) and not (seen["eval"] & seen["kd"]) and not (seen["ild"] & seen["kd"])
 
 
 # ---- bad data: clear errors naming file and field ------------------------------------------------
@@ -202,12 +192,8 @@ def test_empty_after_filtering(tmp_path, tokenizer, write_jsonl):
         tokenize_source(src, tokenizer, DataConfig(cache_dir=str(tmp_path / "c")))
     long = write_jsonl(tmp_path / "long.jsonl", [{"text": "word " * 50}])
     src = load_source(SourceConfig(long), str(tmp_path / "c"))
-    with pytest.raises(
-        DataSourceError, match=r"long\.jsonl: no documents left.*long_sample=drop with seq_len=16"
-    ):
-        tokenize_source(
-            src, tokenizer, DataConfig(seq_len=16, long_sample="drop", cache_dir=str(tmp_path / "c"))
-        )
+    with pytest.raises(DataSourceError, match=r"long\.jsonl: no documents left.*long_sample=drop with seq_len=16"):
+        tokenize_source(src, tokenizer, DataConfig(seq_len=16, long_sample="drop", cache_dir=str(tmp_path / "c")))
 
 
 @pytest.mark.parametrize(

@@ -20,9 +20,7 @@ def test_documents_equal_separate_runs_and_state_continues():
     out, state = causal_conv1d(x, w, b, seq_idx=seq_idx)
     start = 0
     for n in lengths[0]:
-        assert torch.allclose(
-            out[0:1, :, start : start + n], _reference(x[0:1, :, start : start + n], w, b), atol=1e-6
-        )
+        assert torch.allclose(out[0:1, :, start : start + n], _reference(x[0:1, :, start : start + n], w, b), atol=1e-6)
         start += n
     assert torch.allclose(out[1:], _reference(x[1:], w, b), atol=1e-6)
     # The carried state is the last document's inputs; stepping on from it equals the longer sequence.

@@ -57,9 +57,7 @@ def test_absorbed_decoding_equals_expanded_form():
     cache = model.make_cache(2)
     with torch.no_grad():
         attn(hidden[:, :9], cos[:, :9], sin[:, :9], documents_from_positions(positions[:, :9]), cache[0])
-        docs = documents_from_positions(
-            positions[:, 9:], past_len=9, cached_doc_start=torch.zeros(2, dtype=torch.long)
-        )
+        docs = documents_from_positions(positions[:, 9:], past_len=9, cached_doc_start=torch.zeros(2, dtype=torch.long))
         absorbed = attn(hidden[:, 9:], cos[:, 9:], sin[:, 9:], docs, _copy(cache[0]), absorb=True)
         expanded = attn(hidden[:, 9:], cos[:, 9:], sin[:, 9:], docs, _copy(cache[0]), absorb=False)
     err = rel_err(absorbed, expanded)
@@ -72,9 +70,7 @@ def test_absorbed_decoding_equals_expanded_form():
     [
         dict(kv_up_layout="per_head", rope_heads="per_kv_head"),
         dict(q_lora_rank=24, q_latent_norm=True, latent_norm=True, qk_norm=True),
-        dict(
-            qk_nope_head_dim=0, qk_rope_head_dim=16, v_head_dim=16, rope_heads="per_kv_head", kv_lora_rank=32
-        ),
+        dict(qk_nope_head_dim=0, qk_rope_head_dim=16, v_head_dim=16, rope_heads="per_kv_head", kv_lora_rank=32),
     ],
 )
 def test_mla_variants_decode_consistently(mla):
@@ -105,8 +101,6 @@ def test_generate_greedy_matches_manual_loop_and_sampling_runs():
             nxt = model(seq, attention_mask=m).logits[:, -1].argmax(-1, keepdim=True)
             seq, m = torch.cat([seq, nxt], 1), torch.cat([m, torch.ones_like(nxt)], 1)
         torch.manual_seed(0)
-        sampled = model.generate(
-            ids, attention_mask=mask, max_new_tokens=6, do_sample=True, top_k=20, pad_token_id=0
-        )
+        sampled = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=True, top_k=20, pad_token_id=0)
     assert torch.equal(out, seq)
     assert sampled.shape == (2, 14)

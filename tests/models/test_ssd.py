@@ -67,9 +67,7 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize(
-    "seqlen,chunk,nheads,ngroups,D_shape,use_z,use_bias,softplus,dt_limit,use_init", CASES
-)
+@pytest.mark.parametrize("seqlen,chunk,nheads,ngroups,D_shape,use_z,use_bias,softplus,dt_limit,use_init", CASES)
 def test_chunk_scan_matches_recurrence_fp64(
     seqlen, chunk, nheads, ngroups, D_shape, use_z, use_bias, softplus, dt_limit, use_init
 ):
