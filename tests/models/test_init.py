@@ -198,3 +198,14 @@ def test_report_measures_attention_output_and_keeps_rope_pairs(tmp_path):
     assert max(row["attn_out_rel_err"] for row in lossless.layers) < 1e-5
     report.to_json(tmp_path / "init.json")
     assert "attn_out_rel_err" in (tmp_path / "init.json").read_text()
+
+
+def test_low_rank_queries_by_svd(tmp_path):
+    teacher, spec = load_teacher(saved_teacher("qwen2", tmp_path))
+    mla = dict(qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=16, kv_lora_rank=48)
+    errors = [
+        max(row["q_rel_err"] for row in convert_teacher(teacher, spec, mla={**mla, "q_lora_rank": r})[1].layers)
+        for r in (16, 32, 64)
+    ]
+    print("q map error by q_lora_rank 16/32/64:", [f"{e:.1e}" for e in errors])
+    assert errors[0] > errors[1] > 1e-3 and errors[2] < 1e-10
