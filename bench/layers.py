@@ -17,10 +17,22 @@ from models import HybridConfig, HybridForCausalLM
 from models.documents import documents_from_positions
 
 LLAMA_1B = dict(
-    vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=2,
-    num_attention_heads=32, num_key_value_heads=8, head_dim=64, max_position_embeddings=131072,
-    rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
-                     "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+    vocab_size=128256,
+    hidden_size=2048,
+    intermediate_size=8192,
+    num_hidden_layers=2,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    head_dim=64,
+    max_position_embeddings=131072,
+    rope_parameters={
+        "rope_type": "llama3",
+        "rope_theta": 500000.0,
+        "factor": 32.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    },
 )
 ZEBRA_MLA = dict(kv_lora_rank=128, qk_rope_head_dim=32, qk_nope_head_dim=32, v_head_dim=64)
 
@@ -53,15 +65,21 @@ def main() -> None:
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    config = HybridConfig(**LLAMA_1B, mixer_types=["mla", "mamba"], mla=ZEBRA_MLA,
-                          mamba=dict(d_state=64, headdim=64, chunk_size=256))
+    config = HybridConfig(
+        **LLAMA_1B, mixer_types=["mla", "mamba"], mla=ZEBRA_MLA, mamba=dict(d_state=64, headdim=64, chunk_size=256)
+    )
     model = HybridForCausalLM(config).to(device, dtype)
     hidden = torch.randn(args.batch, args.seq, config.hidden_size, device=device, dtype=dtype, requires_grad=True)
     positions = torch.arange(args.seq, device=device).expand(args.batch, -1)
     doc_lengths = (args.seq * 3 // 8, args.seq * 3 // 8, args.seq - 2 * (args.seq * 3 // 8))
     packed = torch.cat([torch.arange(n) for n in doc_lengths]).to(device).expand(args.batch, -1)
-    results = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "dtype": str(dtype),
-               "batch": args.batch, "seq": args.seq, "timings_ms": {}}
+    results = {
+        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+        "dtype": str(dtype),
+        "batch": args.batch,
+        "seq": args.seq,
+        "timings_ms": {},
+    }
 
     def layer_step(layer, pos):
         docs = documents_from_positions(pos)
@@ -71,7 +89,7 @@ def main() -> None:
 
     for label, layer in (("mla", model.model.layers[0]), ("mamba2", model.model.layers[1])):
         for doc_label, pos in (("", positions), ("_packed", packed)):
-            for use_triton in ((True, False) if label == "mamba2" and device == "cuda" else (True,)):
+            for use_triton in (True, False) if label == "mamba2" and device == "cuda" else (True,):
                 for m in layer.modules():
                     if hasattr(m, "use_triton"):
                         m.use_triton = use_triton

@@ -95,9 +95,7 @@ def packed_causal_mask(position_ids: torch.Tensor, dtype: torch.dtype = torch.bo
     return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill(~keep, torch.finfo(dtype).min)
 
 
-def teacher_inputs(
-    batch: dict[str, torch.Tensor], model: torch.nn.Module | None = None
-) -> dict[str, torch.Tensor]:
+def teacher_inputs(batch: dict[str, torch.Tensor], model: torch.nn.Module | None = None) -> dict[str, torch.Tensor]:
     """Keyword arguments for an HF causal LM forward on a packed batch (no labels: no HF loss).
 
     The mask follows the model's attention implementation: "sdpa" (also when `model` is None) a
@@ -111,7 +109,5 @@ def teacher_inputs(
     elif impl == "eager":
         out["attention_mask"] = packed_causal_mask(batch["position_ids"], dtype=model.dtype)
     elif not impl.startswith("flash_attention"):
-        raise ValueError(
-            f"teacher attention {impl!r} has no packed-document mask here; use sdpa, eager or flash"
-        )
+        raise ValueError(f"teacher attention {impl!r} has no packed-document mask here; use sdpa, eager or flash")
     return out

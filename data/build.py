@@ -44,9 +44,7 @@ def resolve_sources(cfg: DataConfig) -> list[SourceConfig]:
     return list(cfg.sources) or [SourceConfig(name_or_path=str(tiny_corpus_path()))]
 
 
-def load_tokenizer(
-    cfg: DataConfig, tokenizer: PreTrainedTokenizerBase | str | None = None
-) -> PreTrainedTokenizerBase:
+def load_tokenizer(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase | str | None = None) -> PreTrainedTokenizerBase:
     """The tokenizer given, else cfg.tokenizer, else (embedded corpus only) the tiny tokenizer."""
     if isinstance(tokenizer, PreTrainedTokenizerBase):
         return tokenizer
@@ -97,9 +95,7 @@ def build_phases(
         doc_tokens = np.concatenate(lengths)[offsets[m.source] + m.doc]
         per_source = np.bincount(m.source, weights=doc_tokens, minlength=len(sources)).astype(np.int64)
         num_tokens = int(pc.sum(pc.list_value_length(rows.with_format("arrow")["input_ids"])).as_py() or 0)
-        out[phase] = PhaseData(
-            phase, rows, rows._fingerprint, cfg.seq_len, len(m.doc), num_tokens, per_source.tolist()
-        )
+        out[phase] = PhaseData(phase, rows, rows._fingerprint, cfg.seq_len, len(m.doc), num_tokens, per_source.tolist())
         log.info(
             "data %s: %d documents -> %d rows of %d tokens (%.1f%% filled); tokens per source %s",
             phase,

@@ -22,25 +22,17 @@ def check_messages(messages: Any, where: str) -> list[dict[str, str]]:
     `where` names the row in errors, e.g. "source data.jsonl row 12, field 'messages'".
     """
     if not isinstance(messages, list) or not messages:
-        raise ValueError(
-            f"{where}: expected a non-empty list of {{'role', 'content'}} messages, got {messages!r:.80}"
-        )
+        raise ValueError(f"{where}: expected a non-empty list of {{'role', 'content'}} messages, got {messages!r:.80}")
     out = []
     for j, m in enumerate(messages):
-        if (
-            not isinstance(m, dict)
-            or not isinstance(m.get("role"), str)
-            or not isinstance(m.get("content"), str)
-        ):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
             raise ValueError(f"{where}: message {j} needs string 'role' and 'content', got {m!r:.80}")
         if m["role"] not in ROLES:
             raise ValueError(f"{where}: message {j} has role {m['role']!r}; expected one of {ROLES}")
         out.append({"role": m["role"], "content": m["content"]})
     roles = [m["role"] for m in out]
     if "assistant" not in roles or "user" not in roles[: roles.index("assistant")]:
-        raise ValueError(
-            f"{where}: needs a 'user' message followed by an 'assistant' message; roles are {roles}"
-        )
+        raise ValueError(f"{where}: needs a 'user' message followed by an 'assistant' message; roles are {roles}")
     return out
 
 
@@ -49,9 +41,7 @@ def render_chat(
 ) -> tuple[str, list[tuple[int, int]]]:
     """The rendered conversation and the character spans [start, end) of its assistant turns."""
     if tokenizer.chat_template is None:
-        raise ValueError(
-            f"{where}: chat data needs a tokenizer with a chat template ({tokenizer.name_or_path})"
-        )
+        raise ValueError(f"{where}: chat data needs a tokenizer with a chat template ({tokenizer.name_or_path})")
 
     def render(msgs: list[dict[str, str]], gen: bool) -> str:
         return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)

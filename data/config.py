@@ -83,9 +83,7 @@ class DataConfig:
     add_bos: bool = True  # plain text: prepend the tokenizer's BOS (if it has one)
     add_eos: bool = True  # plain text: append the tokenizer's EOS, so the model learns to stop
     pack_window: int = 8192  # documents bin-packed together (best fit decreasing) per window
-    cache_dir: str | None = (
-        None  # datasets cache (Hub downloads, tokenized and packed arrow); None: HF default
-    )
+    cache_dir: str | None = None  # datasets cache (Hub downloads, tokenized and packed arrow); None: HF default
     num_proc: int | None = None  # tokenization processes; None: up to the CPU count for large sources
 
     @classmethod

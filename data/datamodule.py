@@ -142,9 +142,7 @@ class DistillDataModule(L.LightningDataModule):
             raise ValueError(f"data: no held-out rows (eval_fraction={self.cfg.eval_fraction})")
         rank, world = self._dist()
         sampler = DistributedSampler(RowDataset(rows), num_replicas=world, rank=rank, shuffle=False)
-        return self._loader(
-            RowDataset(rows), sampler, self.cfg.eval_micro_batch_size or self.cfg.micro_batch_size
-        )
+        return self._loader(RowDataset(rows), sampler, self.cfg.eval_micro_batch_size or self.cfg.micro_batch_size)
 
     def test_dataloader(self) -> DataLoader:
         return self.val_dataloader()

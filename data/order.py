@@ -48,9 +48,7 @@ def stream_rows(
     return out
 
 
-def rank_positions(
-    consumed: int, rank: int, world_size: int, micro_batch_size: int, num_batches: int
-) -> np.ndarray:
+def rank_positions(consumed: int, rank: int, world_size: int, micro_batch_size: int, num_batches: int) -> np.ndarray:
     """(num_batches, micro_batch_size) stream positions of this rank's next micro-batches."""
     g = micro_batch_size * world_size
     step = consumed + g * np.arange(num_batches, dtype=np.int64)[:, None]

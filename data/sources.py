@@ -113,9 +113,7 @@ def locate_bad_utf8(src: LoadedSource) -> str:
                 try:
                     table.slice(i, 1).to_pylist()
                 except UnicodeDecodeError as e:
-                    return (
-                        f"source {src.name}: row {i}, field {column!r}: text is not valid UTF-8 ({e.reason})"
-                    )
+                    return f"source {src.name}: row {i}, field {column!r}: text is not valid UTF-8 ({e.reason})"
     return f"source {src.name}: field {column!r}: text is not valid UTF-8"
 
 
@@ -130,9 +128,7 @@ def _load_local(src: SourceConfig, files: list[str], name: str, cache_dir: str |
     fmt = BUILDERS[src.format] if src.format else infer_format(files, name)
     kwargs = {"sample_by": src.sample_by} if fmt == "text" else {}
     try:
-        return datasets.load_dataset(
-            fmt, data_files={"train": files}, split=src.split, cache_dir=cache_dir, **kwargs
-        )
+        return datasets.load_dataset(fmt, data_files={"train": files}, split=src.split, cache_dir=cache_dir, **kwargs)
     except Exception as e:
         if fmt in ("text", "json"):  # the usual cause, and datasets' own message does not say where
             for f in files:
@@ -153,13 +149,10 @@ def _load_hub(src: SourceConfig, name: str, cache_dir: str | None) -> datasets.D
         offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1"
         hint = " (offline: it must already be in the datasets cache)" if offline else ""
         raise DataSourceError(
-            f"source {name}: not a local path and could not be loaded from the Hub{hint}: "
-            f"{type(e).__name__}: {e}"
+            f"source {name}: not a local path and could not be loaded from the Hub{hint}: {type(e).__name__}: {e}"
         ) from e
     if not isinstance(ds, datasets.Dataset):
-        raise DataSourceError(
-            f"source {name}: split {src.split!r} gave a {type(ds).__name__}, expected one split"
-        )
+        raise DataSourceError(f"source {name}: split {src.split!r} gave a {type(ds).__name__}, expected one split")
     return ds
 
 
@@ -180,16 +173,13 @@ def _content_column(ds: datasets.Dataset, src: SourceConfig, name: str) -> tuple
         )
     if column not in ds.column_names:
         field = "text_column" if kind == "text" else "messages_column"
-        raise DataSourceError(
-            f"source {name}: missing column {column!r} ({field}); columns: {ds.column_names}"
-        )
+        raise DataSourceError(f"source {name}: missing column {column!r} ({field}); columns: {ds.column_names}")
     feature = ds.features[column]
     if kind == "text" and getattr(feature, "dtype", None) not in ("string", "large_string"):
         raise DataSourceError(f"source {name}: field {column!r} should hold strings, found {feature}")
     if kind == "chat" and not isinstance(feature, (datasets.List, datasets.LargeList)):
         raise DataSourceError(
-            f"source {name}: field {column!r} should hold lists of messages "
-            f"({{'role', 'content'}}), found {feature}"
+            f"source {name}: field {column!r} should hold lists of messages ({{'role', 'content'}}), found {feature}"
         )
     return column, kind
 
@@ -204,9 +194,7 @@ def load_source(src: SourceConfig, cache_dir: str | None = None) -> LoadedSource
         if isinstance(ds, datasets.DatasetDict):
             split = src.split.split("[")[0]
             if split not in ds:
-                raise DataSourceError(
-                    f"source {name}: no split {split!r} in saved dataset; splits: {list(ds)}"
-                )
+                raise DataSourceError(f"source {name}: no split {split!r} in saved dataset; splits: {list(ds)}")
             ds = ds[split]
     elif src.format != "hub" and (found := local_files(path)) is not None:
         if not found:

@@ -58,9 +58,7 @@ def _encode_text(
     texts = []
     for i, t in zip(indices, batch["text"], strict=True):
         if t is not None and not isinstance(t, str):
-            raise DataSourceError(
-                f"source {name} row {i}, field 'text': expected a string, got {type(t).__name__}"
-            )
+            raise DataSourceError(f"source {name} row {i}, field 'text': expected a string, got {type(t).__name__}")
         texts.append(t if t and not t.isspace() else "")  # blank rows become empty and are filtered out
     bos = [tok.bos_token_id] if cfg.add_bos and tok.bos_token_id is not None else []
     eos = [tok.eos_token_id] if cfg.add_eos and tok.eos_token_id is not None else []
@@ -102,9 +100,7 @@ def _caused_by(e: BaseException | None, kind: type) -> bool:
     return False
 
 
-def tokenize_source(
-    src: LoadedSource, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig
-) -> datasets.Dataset:
+def tokenize_source(src: LoadedSource, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig) -> datasets.Dataset:
     """Tokenize (cached) and drop documents too short to train on, or too long under long_sample=drop."""
     ds = src.dataset
     encode = _encode_text if src.kind == "text" else _encode_chat
@@ -155,8 +151,7 @@ def tokenize_source(
             f", long_sample=drop with seq_len={max_len}" if max_len else ""
         )
         raise DataSourceError(
-            f"source {src.name}: no documents left after filtering "
-            f"({len(tokenized)} rows, blank rows dropped, {rule})"
+            f"source {src.name}: no documents left after filtering ({len(tokenized)} rows, blank rows dropped, {rule})"
         )
     if len(kept) < len(tokenized):
         log.info(

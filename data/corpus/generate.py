@@ -134,8 +134,7 @@ def build_world(rng: random.Random) -> tuple[list[Person], list[Town], dict[str,
     capitals = dict(zip(countries, _unique_words(rng, 6, 2, taken), strict=True))
     rivers = _unique_words(rng, 8, 2, taken)
     towns = [
-        Town(n, rng.choice(countries), rng.choice(rivers), rng.choice(GOODS))
-        for n in _unique_words(rng, 16, 2, taken)
+        Town(n, rng.choice(countries), rng.choice(rivers), rng.choice(GOODS)) for n in _unique_words(rng, 16, 2, taken)
     ]
     names = _unique_words(rng, 48, 2, taken)
     pet_names = _unique_words(rng, 48, 2, taken)
@@ -254,9 +253,7 @@ class Writer:
         )
 
     def qa(self) -> str:
-        return "\n".join(
-            f"Q: {q}\nA: {a}" for q, a in (self.question() for _ in range(self.rng.randint(2, 4)))
-        )
+        return "\n".join(f"Q: {q}\nA: {a}" for q, a in (self.question() for _ in range(self.rng.randint(2, 4))))
 
     def question(self) -> tuple[str, str]:
         r = self.rng
@@ -297,11 +294,7 @@ class Writer:
         return "\n\n".join(parts)
 
     def chat(self) -> list[dict[str, str]]:
-        msgs = (
-            [{"role": "system", "content": self.rng.choice(SYSTEM_PROMPTS)}]
-            if self.rng.random() < 0.3
-            else []
-        )
+        msgs = [{"role": "system", "content": self.rng.choice(SYSTEM_PROMPTS)}] if self.rng.random() < 0.3 else []
         for _ in range(self.rng.randint(1, 3)):
             q, a = self.question()
             msgs += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
@@ -317,9 +310,7 @@ def write_jsonl_gz(path: Path, rows: list[dict]) -> None:
     path.write_bytes(buf.getvalue())
 
 
-def generate(
-    num_docs: int = NUM_DOCS, num_chats: int = NUM_CHATS, seed: int = SEED
-) -> tuple[list[dict], list[dict]]:
+def generate(num_docs: int = NUM_DOCS, num_chats: int = NUM_CHATS, seed: int = SEED) -> tuple[list[dict], list[dict]]:
     """The plain-text rows ({"text"}) and chat rows ({"messages"}), deterministic in `seed`."""
     w = Writer(random.Random(seed))
     docs = [{"text": w.document()} for _ in range(num_docs)]

@@ -21,9 +21,7 @@ CHAT_TEMPLATE = (
 )
 
 
-def train_tokenizer(
-    texts: Iterable[str], out_dir: Path, vocab_size: int = VOCAB_SIZE
-) -> PreTrainedTokenizerFast:
+def train_tokenizer(texts: Iterable[str], out_dir: Path, vocab_size: int = VOCAB_SIZE) -> PreTrainedTokenizerFast:
     """Byte-level BPE (every byte encodable, no unknown token) saved as a Hugging Face tokenizer dir."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
