@@ -62,9 +62,14 @@ class HybridDecoderLayer(nn.Module):
             return self.self_attn(normed, cos, sin, docs, cache)
         return self.mamba(normed, docs, cache)
 
+    def forward_with_mixer(self, hidden, cos, sin, docs: Documents, cache=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(layer output, mixer output): both are targets of layer-wise distillation."""
+        mixed = self.mix(hidden, cos, sin, docs, cache)
+        hidden = hidden + mixed
+        return hidden + self.mlp(self.post_attention_layernorm(hidden)), mixed
+
     def forward(self, hidden, cos, sin, docs: Documents, cache=None) -> torch.Tensor:
-        hidden = hidden + self.mix(hidden, cos, sin, docs, cache)
-        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+        return self.forward_with_mixer(hidden, cos, sin, docs, cache)[0]
 
 
 class HybridPreTrainedModel(PreTrainedModel):
