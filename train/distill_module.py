@@ -1,0 +1,56 @@
+"""What the ILD and KD LightningModules share: a frozen teacher kept out of the optimizer and out of
+checkpoints, AdamW with warmup + cosine, and token/throughput accounting."""
+
+from __future__ import annotations
+
+import time
+
+import lightning as L
+import torch
+from transformers import PreTrainedModel
+
+from .optim import adamw_cosine
+
+
+class DistillModule(L.LightningModule):
+    def __init__(self, teacher: PreTrainedModel, optim: dict):
+        super().__init__()
+        # Not registered as a submodule: never in state_dict (checkpoints) nor in parameters() (optimizer).
+        object.__setattr__(self, "teacher", teacher.eval().requires_grad_(False))
+        self.optim = dict(optim)
+        self.tokens_seen = 0
+        self._step_start = None
+
+    def on_fit_start(self) -> None:
+        self.teacher.to(self.device)
+
+    def on_validation_start(self) -> None:
+        self.teacher.to(self.device)
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def configure_optimizers(self) -> dict:
+        o = self.optim
+        return adamw_cosine(
+            self.trainable_parameters(), o["lr"], o["weight_decay"], o["warmup_steps"], o["max_steps"],
+            o["min_lr_ratio"],
+        )
+
+    def on_train_batch_start(self, batch, batch_idx) -> None:
+        self._step_start = time.perf_counter()
+
+    def log_throughput(self, batch: dict[str, torch.Tensor]) -> None:
+        tokens = int(batch["attention_mask"].sum()) * self.trainer.world_size
+        self.tokens_seen += tokens
+        elapsed = time.perf_counter() - (self._step_start or time.perf_counter())
+        self.log("train/tokens_seen", float(self.tokens_seen), on_step=True, reduce_fx="max")
+        if elapsed > 0:
+            self.log("train/tokens_per_s", tokens / elapsed, on_step=True, prog_bar=True)
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["tokens_seen"] = self.tokens_seen
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.tokens_seen = checkpoint.get("tokens_seen", 0)

@@ -1,0 +1,49 @@
+"""KD: end-to-end distillation against the teacher's logits (KL / reverse KL / JSD + optional CE), the
+logits computed inside the chunked loss so no full-vocabulary batch of them exists."""
+
+from __future__ import annotations
+
+import torch
+from transformers import PreTrainedModel
+
+from data.batch import shift_labels, teacher_inputs
+from models import HybridForCausalLM
+
+from .distill_module import DistillModule
+from .losses import KDLossConfig, kd_loss
+
+
+class KDModule(DistillModule):
+    def __init__(self, student: HybridForCausalLM, teacher: PreTrainedModel, optim: dict, loss: KDLossConfig):
+        super().__init__(teacher, optim)
+        self.student = student
+        self.loss_cfg = loss
+
+    def _loss(self, batch):
+        with torch.no_grad():
+            teacher_hidden = self.teacher.model(**teacher_inputs(batch, self.teacher)).last_hidden_state
+        student_hidden = self.student.model(
+            input_ids=batch["input_ids"], position_ids=batch["position_ids"]
+        ).last_hidden_state
+        return kd_loss(
+            student_hidden,
+            self.student.lm_head.weight,
+            teacher_hidden,
+            self.teacher.lm_head.weight,
+            shift_labels(batch["labels"]),
+            self.loss_cfg,
+        )
+
+    def training_step(self, batch, batch_idx):
+        out = self._loss(batch)
+        self.log("train/loss", out.loss.detach(), on_step=True, prog_bar=True)
+        self.log("train/kd/divergence", out.divergence.detach(), on_step=True)
+        self.log("train/kd/ce", out.ce.detach(), on_step=True)
+        self.log_throughput(batch)
+        return out.loss
+
+    def validation_step(self, batch, batch_idx):
+        out = self._loss(batch)
+        self.log("val/loss", out.loss, on_epoch=True, prog_bar=True, sync_dist=True)
+        self.log("val/kd/divergence", out.divergence, on_epoch=True, sync_dist=True)
+        self.log("val/kd/top1_agreement", out.top1_agreement, on_epoch=True, sync_dist=True)

@@ -1,0 +1,36 @@
+"""AdamW with linear warmup and cosine decay to `min_lr_ratio * lr` (per optimizer step)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def adamw_cosine(
+    params: list[torch.nn.Parameter],
+    lr: float,
+    weight_decay: float,
+    warmup_steps: int,
+    max_steps: int,
+    min_lr_ratio: float = 0.1,
+) -> dict:
+    """Lightning's `configure_optimizers` dict. Fused AdamW on CUDA (one kernel for all parameters)."""
+    decay = [p for p in params if p.ndim >= 2]  # no decay on norms, biases, A_log, D, dt_bias
+    no_decay = [p for p in params if p.ndim < 2]
+    fused = bool(params) and params[0].is_cuda
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=lr,
+        betas=(0.9, 0.95),
+        fused=fused or None,
+    )
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / max(warmup_steps, 1)
+        progress = min(1.0, (step - warmup_steps) / max(max_steps - warmup_steps, 1))
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

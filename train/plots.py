@@ -1,0 +1,60 @@
+"""PNG plots for the run folder: training/validation loss curves per stage, per-layer ILD losses."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def _read_metrics(path: Path) -> dict[str, list[tuple[float, float]]]:
+    series: dict[str, list[tuple[float, float]]] = {}
+    with open(path) as handle:
+        for row in csv.DictReader(handle):
+            step = row.get("step")
+            for key, value in row.items():
+                if key in ("step", "epoch") or not value or not step:
+                    continue
+                series.setdefault(key, []).append((float(step), float(value)))
+    return series
+
+
+def plot_losses(run_dir: Path, target: Path) -> Path | None:
+    """train/loss and val/loss of each training stage (from the CSV logs)."""
+    stages = [s for s in ("ild", "kd") if (run_dir / s / "logs" / "metrics.csv").exists()]
+    if not stages:
+        return None
+    fig, axes = plt.subplots(1, len(stages), figsize=(5 * len(stages), 3.5), squeeze=False)
+    for ax, stage in zip(axes[0], stages, strict=True):
+        series = _read_metrics(run_dir / stage / "logs" / "metrics.csv")
+        for key in ("train/loss", "val/loss"):
+            if key in series:
+                steps, values = zip(*series[key], strict=True)
+                ax.plot(steps, values, label=key, marker="o" if key.startswith("val") else None)
+        ax.set(title=stage.upper(), xlabel="step", ylabel="loss", yscale="log")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(target, dpi=100)
+    plt.close(fig)
+    return target
+
+
+def plot_ild_layers(layer_losses: dict[str, dict[str, float]], target: Path) -> Path:
+    """Held-out ILD loss per layer, one bar per candidate kind."""
+    layers = sorted(layer_losses, key=int)
+    kinds = sorted({k for row in layer_losses.values() for k in row})
+    fig, ax = plt.subplots(figsize=(max(4, len(layers)), 3.5))
+    width = 0.8 / max(len(kinds), 1)
+    for j, kind in enumerate(kinds):
+        xs = [int(layer) + j * width for layer in layers]
+        ax.bar(xs, [layer_losses[layer].get(kind, 0.0) for layer in layers], width=width, label=kind)
+    ax.set(xlabel="layer", ylabel="held-out ILD loss", yscale="log", title="per-layer alignment loss")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(target, dpi=100)
+    plt.close(fig)
+    return target

@@ -1,0 +1,64 @@
+"""A Lightning Trainer from the `trainer`, `strategy` and `logger` config groups, for one stage folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+
+from .checkpoint_io import AtomicCheckpointIO
+
+
+def make_strategy(strategy: dict) -> Any:
+    name = strategy.get("name", "auto")
+    if name in ("auto", "ddp", "ddp_spawn", "single_device"):
+        return name
+    if name.startswith("deepspeed"):
+        from lightning.pytorch.strategies import DeepSpeedStrategy
+
+        settings = {k: v for k, v in strategy.items() if k != "name"}
+        return DeepSpeedStrategy(**settings)
+    raise ValueError(f"strategy.name={name!r} is invalid: auto, ddp or deepspeed_*")
+
+
+def make_logger(logger: dict, stage_dir: Path, run_name: str) -> Any:
+    name = logger.get("name", "csv")
+    if name == "none":
+        return False
+    if name == "csv":
+        return CSVLogger(save_dir=str(stage_dir), name="logs", version="")
+    if name == "wandb":
+        from lightning.pytorch.loggers import WandbLogger  # imported only when chosen
+
+        settings = {k: v for k, v in logger.items() if k not in ("name",)}
+        settings.setdefault("name", run_name)
+        return WandbLogger(save_dir=str(stage_dir), **settings)
+    raise ValueError(f"logger.name={name!r} is invalid: csv, wandb or none")
+
+
+def make_trainer(
+    trainer_cfg: dict, strategy: dict, logger: dict, stage_dir: Path, run_name: str, max_steps: int,
+    val_every: int, checkpoint_every: int, limit_val_batches: int | None, extra_callbacks: list | None = None,
+) -> tuple[L.Trainer, ModelCheckpoint]:
+    checkpoint = ModelCheckpoint(
+        dirpath=str(stage_dir / "checkpoints"), every_n_train_steps=checkpoint_every, save_last=True, save_top_k=1,
+        monitor=None,
+    )
+    args = {k: v for k, v in trainer_cfg.items() if k not in ("gradient_checkpointing",)}
+    trainer = L.Trainer(
+        default_root_dir=str(stage_dir),
+        max_steps=max_steps,
+        val_check_interval=min(val_every, max_steps),
+        check_val_every_n_epoch=None,
+        limit_val_batches=limit_val_batches,
+        num_sanity_val_steps=0,
+        strategy=make_strategy(strategy),
+        logger=make_logger(logger, stage_dir, run_name),
+        callbacks=[checkpoint, *(extra_callbacks or [])],
+        plugins=[AtomicCheckpointIO()],
+        **args,
+    )
+    return trainer, checkpoint
