@@ -1,0 +1,251 @@
+"""The Hydra config tree: every preset composes and validates, mistakes fail while composing or in
+validate_config with one line naming the key and the value. Compose API only, no model or weights load."""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from train.config import (
+    CONF_DIR,
+    STAGES,
+    ConfigError,
+    MambaSettings,
+    MLASettings,
+    compose_config,
+    student_init_kwargs,
+    validate_config,
+)
+
+PRESETS = sorted(p.stem for p in (CONF_DIR / "conf").glob("*.yaml"))
+
+# Public config.json shapes of the zebra teachers (no download here): a local dir with this config.json stands in
+# for the Hub id, so the presets' student settings are checked against the real shapes.
+LLAMA_SHAPES = {
+    "meta-llama/Llama-3.2-1B-Instruct": dict(
+        hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32, head_dim=64
+    ),
+    "meta-llama/Llama-3.2-3B-Instruct": dict(
+        hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24, head_dim=128
+    ),
+    "meta-llama/Llama-3.1-8B-Instruct": dict(
+        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, head_dim=128
+    ),
+}
+# KV cache of the student's MLA layers over the teacher's GQA cache, as the Zebra-Llama paper reports it.
+PAPER_KV_FRACTION = {"zebra_1b": 0.039, "zebra_3b": 0.020, "zebra_8b": 0.0273}
+
+
+def _error(overrides: list[str]) -> str:
+    with pytest.raises(ConfigError) as info:
+        validate_config(compose_config(overrides))
+    message = str(info.value)
+    assert "\n" not in message, message
+    return message
+
+
+@pytest.fixture(scope="module")
+def teacher_dirs(tmp_path_factory) -> dict[str, Path]:
+    """config.json-only teacher dirs with the zebra teachers' shapes (Llama 3.x, 8 KV heads, llama3 RoPE)."""
+    from transformers import LlamaConfig
+
+    dirs = {}
+    for name, shape in LLAMA_SHAPES.items():
+        path = tmp_path_factory.mktemp(name.split("/")[1])
+        LlamaConfig(
+            vocab_size=128256,
+            num_key_value_heads=8,
+            max_position_embeddings=131072,
+            rope_parameters={
+                "rope_type": "llama3",
+                "rope_theta": 500000.0,
+                "factor": 32.0 if "3.2" in name else 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8192,
+            },
+            architectures=["LlamaForCausalLM"],
+            **shape,
+        ).save_pretrained(path)
+        dirs[name] = path
+    return dirs
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_preset_composes_and_validates(preset):
+    cfg = compose_config([f"conf={preset}"])
+    validate_config(cfg)
+    assert cfg.conf == preset  # each preset names itself: run_name and output_dir follow
+    assert cfg.output_dir == f"outputs/{preset}"
+    assert list(cfg.stages) == [s for s in STAGES if s in cfg.stages]
+
+
+def test_preset_list_covers_the_contract():
+    needed = {"tiny", "zebra_1b", "zebra_1b_8mla", "zebra_3b", "zebra_8b", "lossless"}
+    needed |= {"tiny_all_mla", "tiny_all_mamba", "zebra_1b_all_mla", "zebra_1b_all_mamba"}
+    assert needed <= set(PRESETS)
+    for preset in PRESETS:
+        text = (CONF_DIR / "conf" / f"{preset}.yaml").read_text()
+        assert text.startswith("# @package _global_\n"), preset
+
+
+def test_default_is_the_tiny_cpu_run():
+    cfg = compose_config([])
+    validate_config(cfg)
+    assert cfg.conf == "tiny" and cfg.teacher.name_or_path == "tiny"
+    assert cfg.trainer.accelerator == "cpu" and cfg.strategy.name == "auto" and cfg.logger.kind == "csv"
+    assert list(cfg.student.mla_layers) == [0, 2] and cfg.teacher.tiny.num_layers == 4
+    assert cfg.data.sources == []  # the embedded corpus
+    assert cfg.ild.max_steps + cfg.kd.max_steps <= 500  # minutes on 2 CPU cores
+
+
+@pytest.mark.parametrize(
+    "preset", ["zebra_1b", "zebra_1b_8mla", "zebra_1b_all_mla", "zebra_1b_all_mamba", "zebra_3b", "zebra_8b"]
+)
+def test_zebra_presets_fit_their_teachers(preset, teacher_dirs):
+    """The Hub teacher replaced by a local config.json of the same shape: the full student check runs."""
+    cfg = compose_config([f"conf={preset}"])
+    local = teacher_dirs[cfg.teacher.name_or_path]
+    validate_config(compose_config([f"conf={preset}", f"teacher.name_or_path={local}"]))
+    if preset in PAPER_KV_FRACTION:
+        t, mla = LLAMA_SHAPES[cfg.teacher.name_or_path], cfg.student.mla
+        student = len(cfg.student.mla_layers) * (mla.kv_lora_rank + mla.qk_rope_head_dim)  # one shared RoPE head
+        teacher = t["num_hidden_layers"] * 2 * 8 * t["head_dim"]
+        assert student / teacher == pytest.approx(PAPER_KV_FRACTION[preset], abs=5e-4)
+
+
+def test_a_preset_on_the_wrong_teacher_names_the_key(teacher_dirs):
+    local = teacher_dirs["meta-llama/Llama-3.2-3B-Instruct"]  # head_dim 128, zebra_1b's MLA dims are for 64
+    message = _error(["conf=zebra_1b", f"teacher.name_or_path={local}"])
+    assert "student.mla." in message and "head_dim 128" in message
+
+
+def test_hub_teachers_are_not_fetched(monkeypatch):
+    """A Hub id gets every check that needs no teacher shape; config.json is read only for local dirs."""
+    import models.teacher
+
+    def offline(*args, **kwargs):
+        raise AssertionError("validate_config tried to read a Hub config")
+
+    monkeypatch.setattr(models.teacher, "load_teacher_config", offline)
+    validate_config(compose_config(["conf=zebra_1b"]))
+    assert "stages" in _error(["conf=zebra_1b", "stages=[kd,ild]"])
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        # unknown keys and wrong types: rejected while composing (the schema)
+        (["student.mla.kv_lora_rnk=3"], ["kv_lora_rnk", "student.mla"]),
+        (["ild.lr_max=1"], ["lr_max", "ild"]),
+        (["ild.max_steps=abc"], ["ild.max_steps", "abc", "Integer"]),
+        (["+student.mla.kv_lora_rnk=3"], ["student.mla.kv_lora_rnk=3", "kv_lora_rank"]),  # `+` bypasses composing
+        (["conf=nope"], ["conf='nope'", "tiny", "zebra_1b"]),
+        (["strategy=deepspeed_zero4"], ["strategy='deepspeed_zero4'", "deepspeed_zero3"]),
+        (["conf=zebra_8b", "strategy.stge=3"], ["strategy.stge"]),
+        # the student against the tiny teacher (4 layers, head_dim 32, 2 KV heads)
+        (["student.mla_layers=[0,9]"], ["student.mla_layers", "[9]", "0..3"]),
+        (["student.mla.kv_lora_rank=97"], ["student.mla.kv_lora_rank=97", "1..96"]),
+        (["student.mla.q_lora_rank=1000"], ["student.mla.q_lora_rank=1000", "1..128"]),
+        (["student.mla.qk_rope_head_dim=8"], ["qk_rope_head_dim", "head_dim 32"]),
+        (["student.mamba.d_state=16"], ["student.mamba.d_state=16", "32"]),
+        (["student.mla_layers=some"], ["student.mla_layers='some'", "all"]),
+        (["student.mla.rope_pairs=random"], ["student.mla.rope_pairs='random'", "energy"]),
+        # stages
+        (["stages=[init,distill]"], ["'distill'", "init, ild, select, kd, dpo, eval, export"]),
+        (["stages=[init,kd,ild]"], ["'ild' after 'kd'", "init, ild, select, kd, dpo, eval, export"]),
+        (["stages=[init,init]"], ["'init' after 'init'"]),
+        (["stages=[]"], ["stages=[]"]),
+        (["stages=[init,select,kd]"], ["'select' needs 'ild'"]),
+        (["stages=[init,ild,select,kd]", "ild.candidates=assigned"], ["ild.candidates='assigned'"]),
+        (["stages=[init,ild,kd,dpo]"], ["dpo.sources=[]"]),
+        # values
+        (["kd.divergence=kl"], ["kd.divergence='kl'", "forward_kl | reverse_kl | jsd"]),
+        (["ild.loss=l1"], ["ild.loss='l1'", "mse | l2"]),
+        (["kd.warmup_steps=500"], ["kd.warmup_steps=500", "kd.max_steps (200)"]),
+        (["teacher.dtype=fp8"], ["teacher.dtype='fp8'", "bfloat16"]),
+        (["teacher.name_or_path=/no/such/dir"], ["teacher.name_or_path='/no/such/dir'", "Hub id"]),
+        (["teacher.tiny.num_kv_heads=3"], ["teacher.tiny.num_kv_heads=3"]),
+        (["data.seq_len=1"], ["data.seq_len=1", ">= 2"]),
+        (["trainer.precision=bf17"], ["trainer.precision='bf17'", "bf16-mixed"]),
+        (["strategy=deepspeed_zero2"], ["trainer.accelerator='cpu'", "DeepSpeed"]),
+    ],
+)
+def test_mistakes_name_the_key_and_value(overrides, expected):
+    message = _error(overrides)
+    for text in expected:
+        assert text in message, (overrides, message)
+
+
+def test_resolved_yaml_has_the_keys():
+    """What `python -m train --cfg job` prints, resolved."""
+    text = OmegaConf.to_yaml(compose_config(["conf=tiny", "run_name=probe", "kd.lr=2e-3"]), resolve=True)
+    for line in [
+        "conf: tiny",
+        "run_name: probe",
+        "output_dir: outputs/probe",
+        "cache_dir: outputs/probe/../tiny_teacher",
+        "name_or_path: tiny",
+        "kv_lora_rank: 32",
+        "seed: 1234",  # data.seed follows the run's seed
+        "lr: 0.002",
+        "kind: csv",
+    ]:
+        assert line in text, line
+    wandb = compose_config(["conf=zebra_3b", "logger=wandb", "logger.tags=[a,b]"])
+    validate_config(wandb)
+    assert wandb.logger.name == "zebra_3b" and list(wandb.logger.tags) == ["a", "b"]
+
+
+def test_hydra_writes_into_output_dir():
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        cfg = compose(config_name="train", overrides=["output_dir=/tmp/run"], return_hydra_config=True)
+    assert cfg.hydra.run.dir == "/tmp/run" and cfg.hydra.job.chdir is False and cfg.hydra.output_subdir == ".hydra"
+    file_log = cfg.hydra.job_logging.handlers.file  # hydra.runtime.* is only filled in a running job
+    assert OmegaConf.to_container(file_log)["filename"] == "${hydra.runtime.output_dir}/.hydra/${hydra.job.name}.log"
+    defaults = [d for d in OmegaConf.load(CONF_DIR / "train.yaml").defaults if "override" not in str(d)]
+    assert defaults[0] == "_self_" and dict(defaults[-1]) == {"conf": "tiny"}  # the preset comes last
+
+
+def test_saved_untyped_config_validates_again():
+    """`.hydra/config.yaml` loads untyped; validate_config types it and still rejects typos."""
+    plain = OmegaConf.create(OmegaConf.to_container(compose_config(["conf=zebra_8b"]), resolve=True))
+    validate_config(plain)
+    plain.student.mla.kv_lora_rnk = 3
+    with pytest.raises(ConfigError, match="kv_lora_rnk"):
+        validate_config(plain)
+
+
+def test_schema_follows_the_model_configs():
+    from models.config import MambaConfig, MLAConfig
+
+    mla = {f.name for f in fields(MLASettings)}
+    mamba = {f.name for f in fields(MambaSettings)}
+    assert mla - {f.name for f in fields(MLAConfig)} == {"energy", "rope_pairs"}
+    assert {f.name for f in fields(MLAConfig)} <= mla
+    assert mamba - {f.name for f in fields(MambaConfig)} == {"conv_init"}
+    assert {f.name for f in fields(MambaConfig)} <= mamba
+
+
+def test_student_init_kwargs_feed_the_init_code():
+    from models.config import MambaConfig, MLAConfig, config_from_dict
+    from models.init import build_student_config
+    from models.init.transfer import convert_teacher
+    from train.config import _teacher_spec, _typed
+
+    cfg = _typed(compose_config(["conf=lossless"]))
+    kwargs = student_init_kwargs(cfg.student)
+    inspect.signature(convert_teacher).bind(None, None, **kwargs)  # every key is an argument
+    assert kwargs["lossless"] is True and kwargs["mla_layers"] == "all"
+    assert "qkv_bias" not in kwargs["mla"] and "in_proj_bias" not in kwargs["mamba"]  # None: the teacher's
+    config_from_dict(MLAConfig, kwargs["mla"])
+    config_from_dict(MambaConfig, kwargs["mamba"])
+    kwargs.pop("rope_pairs"), kwargs.pop("conv_init")
+    student = build_student_config(_teacher_spec(cfg.teacher), **kwargs)
+    assert student.mla_config.kv_lora_rank == 2 * 32 and student.mla_config.qk_rope_head_dim == 32  # exact GQA
