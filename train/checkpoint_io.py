@@ -25,7 +25,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         finally:
             tmp.unlink(missing_ok=True)
 
-    def load_checkpoint(self, path, map_location: Any | None = None, weights_only: bool | None = None) -> dict[str, Any]:
+    def load_checkpoint(
+        self, path, map_location: Any | None = None, weights_only: bool | None = None
+    ) -> dict[str, Any]:
         # Our checkpoints hold plain tensors, numbers and dicts (no pickled classes) except Lightning's own
         # loop state; weights_only=False is Lightning's default for its own files.
         return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)

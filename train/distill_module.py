@@ -33,7 +33,11 @@ class DistillModule(L.LightningModule):
     def configure_optimizers(self) -> dict:
         o = self.optim
         return adamw_cosine(
-            self.trainable_parameters(), o["lr"], o["weight_decay"], o["warmup_steps"], o["max_steps"],
+            self.trainable_parameters(),
+            o["lr"],
+            o["weight_decay"],
+            o["warmup_steps"],
+            o["max_steps"],
             o["min_lr_ratio"],
         )
 

@@ -27,7 +27,9 @@ def heldout_loss(model: torch.nn.Module, loader: DataLoader, max_batches: int | 
         else:
             logits = model(**teacher_inputs(batch, model)).logits
         targets = shift_labels(batch["labels"])
-        total += F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="sum").item()
+        total += F.cross_entropy(
+            logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="sum"
+        ).item()
         tokens += int((targets != -100).sum())
     loss = total / max(tokens, 1)
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": tokens}

@@ -27,6 +27,7 @@ from models import HybridForCausalLM, student_cache_bytes, teacher_cache_bytes
 from models.init import convert_teacher
 from models.teacher import TeacherSpec, load_teacher
 
+from .config import student_init_kwargs
 from .evaluate import heldout_loss
 from .ild import ILDModule, compose_student
 from .kd import KDModule
@@ -50,6 +51,7 @@ class Context:
     tokenizer: PreTrainedTokenizerBase
     data_cfg: DataConfig
     report: dict = field(default_factory=dict)
+    callbacks: dict[str, list] = field(default_factory=dict)  # extra Lightning callbacks per stage (tests, tools)
 
     def stage_dir(self, stage: str) -> Path:
         return self.out / stage
@@ -73,29 +75,32 @@ def _container(node: Any) -> Any:
     return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
 
 
-def run(cfg: DictConfig) -> dict:
-    """Run the configured stages; returns the report."""
+def run(cfg: DictConfig, callbacks: dict[str, list] | None = None) -> dict:
+    """Run the configured stages; returns the report. `callbacks`: extra Lightning callbacks per stage."""
     stages = list(cfg.stages)
     unavailable = [s for s in stages if s in NOT_YET]
     if unavailable:
         raise ValueError(f"stages {unavailable} are not available yet; available: init, ild, kd, eval, export")
+    if cfg.kd.get("teacher_name_or_path"):
+        raise ValueError("kd.teacher_name_or_path (a separate, larger KD teacher) is not supported yet: set it to null")
     out = Path(cfg.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True)
     data_cfg = DataConfig.from_dict(_container(cfg.data))
     teacher_path = str(cfg.teacher.name_or_path)
     if teacher_path == "tiny":
-        teacher_path = str(ensure_tiny_teacher(out.parent / ".tiny_teacher_cache", _container(cfg.teacher.tiny),
-                                               data_cfg, cfg.seed))
+        teacher_path = str(ensure_tiny_teacher(_container(cfg.teacher.tiny), data_cfg, cfg.seed))
     teacher, spec = load_teacher(
-        teacher_path, dtype=cfg.teacher.dtype, trust_remote_code=cfg.teacher.trust_remote_code,
+        teacher_path,
+        dtype=cfg.teacher.dtype,
+        trust_remote_code=cfg.teacher.trust_remote_code,
         attn_implementation=cfg.teacher.attn_implementation,
     )
     tokenizer = AutoTokenizer.from_pretrained(data_cfg.tokenizer or teacher_path, trust_remote_code=False)
     report_path = out / "report.json"
     report = json.loads(report_path.read_text()) if report_path.exists() else {"stage_seconds": {}}
     report.update({"teacher": teacher_path, "output_dir": str(out)})
-    ctx = Context(cfg, out, teacher, spec, teacher_path, tokenizer, data_cfg, report)
+    ctx = Context(cfg, out, teacher, spec, teacher_path, tokenizer, data_cfg, report, callbacks or {})
     for stage in stages:
         done = ctx.stage_dir(stage) / "done.json"
         if done.exists():
@@ -115,36 +120,21 @@ def run(cfg: DictConfig) -> dict:
 # --- stages ---------------------------------------------------------------------------------------------
 
 
-def _init_kwargs(cfg: DictConfig) -> dict:
-    student = _container(cfg.student)
-    mla, mamba = dict(student.get("mla") or {}), dict(student.get("mamba") or {})
-    mla = {k: v for k, v in mla.items() if v is not None or k in ("q_lora_rank",)}
-    mamba = {k: v for k, v in mamba.items() if v is not None}
-    return dict(
-        mla=mla,
-        mamba=mamba,
-        lossless=bool(mla.pop("lossless", False)),
-        energy=mla.pop("energy", None),
-        rope_pairs=mla.pop("rope_pairs", "energy"),
-        conv_init=mamba.pop("conv_init", "identity"),
-    )
-
-
 def _wants_candidates(cfg: DictConfig) -> bool:
     mode = cfg.ild.get("candidates", "auto")
     return mode == "both" or (mode == "auto" and "select" in cfg.stages)
 
 
 def stage_init(ctx: Context) -> dict:
-    kwargs = _init_kwargs(ctx.cfg)
-    student, report = convert_teacher(ctx.teacher, ctx.spec, mla_layers=_container(ctx.cfg.student.mla_layers), **kwargs)
+    kwargs = student_init_kwargs(ctx.cfg.student)
+    student, report = convert_teacher(ctx.teacher, ctx.spec, **kwargs)
     print(report.table())
     folder = ctx.stage_dir("init")
     report.to_json(folder / "init_report.json")
     _save_student(student, folder / "student", ctx.tokenizer)
     if _wants_candidates(ctx.cfg):
         for kind, layers in (("mla", "all"), ("mamba", "none")):
-            candidate, _ = convert_teacher(ctx.teacher, ctx.spec, mla_layers=layers, **kwargs)
+            candidate, _ = convert_teacher(ctx.teacher, ctx.spec, **{**kwargs, "mla_layers": layers})
             _save_student(candidate, folder / "candidates" / kind, ctx.tokenizer)
     ctx.report["init"] = {"student_params": report.student_params, "teacher_params": report.teacher_params}
     return {"mixer_types": student.config.mixer_types}
@@ -158,15 +148,28 @@ def _fit(ctx: Context, stage: str, module: L.LightningModule, phase: str) -> L.T
     stage_cfg = ctx.cfg[stage]
     folder = ctx.stage_dir(stage)
     trainer, checkpoint = make_trainer(
-        _container(ctx.cfg.trainer), _container(ctx.cfg.strategy), _container(ctx.cfg.logger), folder,
-        ctx.cfg.run_name, stage_cfg.max_steps, stage_cfg.val_every_n_steps, stage_cfg.checkpoint_every_n_steps,
+        _container(ctx.cfg.trainer),
+        _container(ctx.cfg.strategy),
+        _container(ctx.cfg.logger),
+        folder,
+        ctx.cfg.run_name,
+        stage_cfg.max_steps,
+        stage_cfg.val_every_n_steps,
+        stage_cfg.checkpoint_every_n_steps,
         ctx.cfg.eval.max_batches,
+        ctx.callbacks.get(stage),
     )
     data = DistillDataModule(ctx.data_cfg, ctx.tokenizer, phase=phase)
     last = folder / "checkpoints" / "last.ckpt"
     if last.exists():
         log.info("stage %s: resuming from %s", stage, last)
     trainer.fit(module, datamodule=data, ckpt_path=str(last) if last.exists() else None)
+    if trainer.interrupted or trainer.global_step < stage_cfg.max_steps:
+        # Lightning returns normally after Ctrl-C or SIGTERM; the stage is not finished and must not count as done.
+        raise RuntimeError(
+            f"stage {stage} stopped at step {trainer.global_step} of {stage_cfg.max_steps}; "
+            f"rerun the same command to resume from {last}"
+        )
     return trainer
 
 
@@ -197,7 +200,9 @@ def stage_ild(ctx: Context) -> dict:
     module = ILDModule(students, ctx.teacher, _optim(c), c.loss, c.output_weight, c.mixer_weight, c.trainable)
     trainer = _fit(ctx, "ild", module, "ild")
     # Per-layer losses of every candidate on held-out data (the input to layer selection).
-    metrics = trainer.validate(module, datamodule=DistillDataModule(ctx.data_cfg, ctx.tokenizer, "ild"), verbose=False)[0]
+    metrics = trainer.validate(module, datamodule=DistillDataModule(ctx.data_cfg, ctx.tokenizer, "ild"), verbose=False)[
+        0
+    ]
     layer_losses: dict[str, dict[str, float]] = {}
     for key, value in metrics.items():
         if key.startswith("val/ild/"):
@@ -205,8 +210,11 @@ def stage_ild(ctx: Context) -> dict:
             layer_losses.setdefault(layer.removeprefix("layer_"), {})[name] = float(value)
     write_json(ctx.stage_dir("ild") / "layer_losses.json", layer_losses)
     mixer_types = _load_student(init / "student").config.mixer_types
-    student = compose_student(module.students, mixer_types) if "assigned" not in module.students else \
-        module.students["assigned"]
+    student = (
+        compose_student(module.students, mixer_types)
+        if "assigned" not in module.students
+        else module.students["assigned"]
+    )
     _save_student(student, ctx.stage_dir("ild") / "student", ctx.tokenizer)
     if "assigned" not in module.students:
         for kind, candidate in module.students.items():
@@ -218,12 +226,16 @@ def stage_ild(ctx: Context) -> dict:
 
 def stage_kd(ctx: Context) -> dict:
     student = _load_student(ctx.latest_student_dir())
-    if ctx.cfg.trainer.get("gradient_checkpointing", False):
+    if ctx.cfg.student.get("gradient_checkpointing", False):
         student.gradient_checkpointing_enable()
     c = ctx.cfg.kd
     loss = KDLossConfig(
-        divergence=c.divergence, jsd_beta=c.jsd_beta, temperature=c.temperature, kl_weight=c.kl_weight,
-        ce_weight=c.ce_weight, chunk_tokens=c.chunk_tokens,
+        divergence=c.divergence,
+        jsd_beta=c.jsd_beta,
+        temperature=c.temperature,
+        kl_weight=c.kl_weight,
+        ce_weight=c.ce_weight,
+        chunk_tokens=c.chunk_tokens,
     )
     module = KDModule(student, ctx.teacher, _optim(c), loss)
     _fit(ctx, "kd", module, "kd")
@@ -242,7 +254,10 @@ def stage_eval(ctx: Context) -> dict:
     rows["teacher"]["kv_bytes_per_token"] = teacher_cache_bytes(
         ctx.spec.num_layers, ctx.spec.num_kv_heads, ctx.spec.head_dim
     ).per_token
-    candidates = [("initialized student", ctx.stage_dir("init") / "student"), ("final student", ctx.latest_student_dir())]
+    candidates = [
+        ("initialized student", ctx.stage_dir("init") / "student"),
+        ("final student", ctx.latest_student_dir()),
+    ]
     for name, path in candidates:
         if not (path / "config.json").exists():
             continue

@@ -20,7 +20,9 @@ class TeacherTrace:
 
 
 @torch.no_grad()
-def trace_teacher(teacher: PreTrainedModel, batch: dict[str, torch.Tensor], layers: list[int] | None = None) -> TeacherTrace:
+def trace_teacher(
+    teacher: PreTrainedModel, batch: dict[str, torch.Tensor], layers: list[int] | None = None
+) -> TeacherTrace:
     n = len(teacher.model.layers)
     inputs, attn, outputs = [None] * n, [None] * n, [None] * n
     handles = []

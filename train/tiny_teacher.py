@@ -3,10 +3,12 @@ CPU cores), saved like a Hub model (config, safetensors, tokenizer) and reused w
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
 import math
+import os
 import shutil
 import time
 from pathlib import Path
@@ -15,20 +17,23 @@ import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from data.batch import teacher_inputs
+from data.config import DataConfig
 from data.corpus import tiny_tokenizer_path
 from data.datamodule import DistillDataModule
 
 log = logging.getLogger(__name__)
 
 
-def tiny_teacher_dir(cache_root: Path, settings: dict, data_cfg) -> Path:
-    key = json.dumps({"teacher": settings, "seq_len": data_cfg.seq_len, "seed": data_cfg.seed}, sort_keys=True)
-    return cache_root / f"tiny_teacher_{hashlib.sha256(key.encode()).hexdigest()[:10]}"
+def tiny_teacher_dir(settings: dict, data_cfg: DataConfig) -> Path:
+    shape = {k: v for k, v in settings.items() if k != "cache_dir"}
+    key = json.dumps({"teacher": shape, "data": repr(data_cfg.sources), "seed": data_cfg.seed}, sort_keys=True)
+    return Path(settings["cache_dir"]) / f"tiny_teacher_{hashlib.sha256(key.encode()).hexdigest()[:10]}"
 
 
-def ensure_tiny_teacher(cache_root: Path, settings: dict, data_cfg, seed: int) -> Path:
-    """Path of a trained tiny teacher; trains and saves one (atomically) if none with these settings exists."""
-    path = tiny_teacher_dir(cache_root, settings, data_cfg)
+def ensure_tiny_teacher(settings: dict, data_cfg: DataConfig, seed: int) -> Path:
+    """Path of a trained tiny teacher; trains and saves one (atomically) if none with these settings exists.
+    `settings` is `teacher.tiny` (shape, steps, lr, batch_size, seq_len, cache_dir)."""
+    path = tiny_teacher_dir(settings, data_cfg)
     if (path / "config.json").exists():
         log.info("reusing the tiny teacher at %s", path)
         return path
@@ -49,6 +54,9 @@ def ensure_tiny_teacher(cache_root: Path, settings: dict, data_cfg, seed: int) -
         pad_token_id=tokenizer.pad_token_id,
     )
     model = LlamaForCausalLM(config)
+    data_cfg = dataclasses.replace(
+        data_cfg, seq_len=settings["seq_len"], micro_batch_size=settings["batch_size"], tokenizer=None
+    )
     data = DistillDataModule(data_cfg, tokenizer, phase="kd")
     loader = data.train_dataloader()
     steps, lr = settings["train_steps"], settings["lr"]
@@ -58,7 +66,7 @@ def ensure_tiny_teacher(cache_root: Path, settings: dict, data_cfg, seed: int) -
     )
     model.train()
     start = time.perf_counter()
-    batches = iter(loader)
+    batches = _cycle(loader)
     for step in range(steps):
         batch = next(batches)
         loss = model(**teacher_inputs(batch, model), labels=batch["labels"]).loss
@@ -68,10 +76,19 @@ def ensure_tiny_teacher(cache_root: Path, settings: dict, data_cfg, seed: int) -
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
         if step % 50 == 0 or step == steps - 1:
-            log.info("tiny teacher step %d/%d loss %.3f (%.0f s)", step + 1, steps, loss.item(), time.perf_counter() - start)
-    tmp = path.with_name(path.name + ".tmp")
+            log.info(
+                "tiny teacher step %d/%d loss %.3f (%.0f s)", step + 1, steps, loss.item(), time.perf_counter() - start
+            )
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     model.eval().save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp.rename(path)  # atomic: a half-written teacher is never reused
     return path
+
+
+def _cycle(loader):
+    """Epoch after epoch of the stream (the sampler continues where the last pass ended)."""
+    while True:
+        yield from loader

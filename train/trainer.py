@@ -14,37 +14,52 @@ from .checkpoint_io import AtomicCheckpointIO
 
 def make_strategy(strategy: dict) -> Any:
     name = strategy.get("name", "auto")
-    if name in ("auto", "ddp", "ddp_spawn", "single_device"):
+    settings = {k: v for k, v in strategy.items() if k != "name"}
+    if name == "auto":
         return name
+    if name == "ddp":
+        from lightning.pytorch.strategies import DDPStrategy
+
+        return DDPStrategy(**settings)
     if name.startswith("deepspeed"):
         from lightning.pytorch.strategies import DeepSpeedStrategy
 
-        settings = {k: v for k, v in strategy.items() if k != "name"}
         return DeepSpeedStrategy(**settings)
     raise ValueError(f"strategy.name={name!r} is invalid: auto, ddp or deepspeed_*")
 
 
 def make_logger(logger: dict, stage_dir: Path, run_name: str) -> Any:
-    name = logger.get("name", "csv")
-    if name == "none":
+    kind = logger.get("kind", "csv")
+    if kind == "none":
         return False
-    if name == "csv":
+    if kind == "csv":
         return CSVLogger(save_dir=str(stage_dir), name="logs", version="")
-    if name == "wandb":
+    if kind == "wandb":
         from lightning.pytorch.loggers import WandbLogger  # imported only when chosen
 
-        settings = {k: v for k, v in logger.items() if k not in ("name",)}
-        settings.setdefault("name", run_name)
+        settings = {k: v for k, v in logger.items() if k != "kind"}
+        settings["name"] = settings.get("name") or run_name
         return WandbLogger(save_dir=str(stage_dir), **settings)
-    raise ValueError(f"logger.name={name!r} is invalid: csv, wandb or none")
+    raise ValueError(f"logger.kind={kind!r} is invalid: csv, wandb or none")
 
 
 def make_trainer(
-    trainer_cfg: dict, strategy: dict, logger: dict, stage_dir: Path, run_name: str, max_steps: int,
-    val_every: int, checkpoint_every: int, limit_val_batches: int | None, extra_callbacks: list | None = None,
+    trainer_cfg: dict,
+    strategy: dict,
+    logger: dict,
+    stage_dir: Path,
+    run_name: str,
+    max_steps: int,
+    val_every: int,
+    checkpoint_every: int,
+    limit_val_batches: int | None,
+    extra_callbacks: list | None = None,
 ) -> tuple[L.Trainer, ModelCheckpoint]:
     checkpoint = ModelCheckpoint(
-        dirpath=str(stage_dir / "checkpoints"), every_n_train_steps=checkpoint_every, save_last=True, save_top_k=1,
+        dirpath=str(stage_dir / "checkpoints"),
+        every_n_train_steps=checkpoint_every,
+        save_last=True,
+        save_top_k=1,
         monitor=None,
     )
     args = {k: v for k, v in trainer_cfg.items() if k not in ("gradient_checkpointing",)}
