@@ -73,7 +73,8 @@ def make_trainer(
         strategy=make_strategy(strategy),
         logger=make_logger(logger, stage_dir, run_name),
         callbacks=[checkpoint, *(extra_callbacks or [])],
-        plugins=[AtomicCheckpointIO()],
+        # DeepSpeed writes its own sharded checkpoints; every other strategy goes through the atomic writer.
+        plugins=[] if str(strategy.get("name", "")).startswith("deepspeed") else [AtomicCheckpointIO()],
         **args,
     )
     return trainer, checkpoint

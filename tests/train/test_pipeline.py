@@ -99,3 +99,34 @@ def test_resume_after_interruptions_matches_uninterrupted_run(tmp_path, teacher_
     moved = max((p - q).abs().max().item() for p, q in zip(ild_a.parameters(), init.parameters(), strict=True))
     assert moved > 1e-4  # training really changed the weights, so the comparison above means something
     assert torch.equal(a.lm_head.weight, b.lm_head.weight)
+
+
+def test_ild_trains_both_candidates_and_records_their_layer_losses(tmp_path, teacher_cache):
+    cfg = small(
+        tmp_path,
+        teacher_cache,
+        "stages=[init,ild]",
+        "ild.candidates=both",
+        "ild.max_steps=12",
+        "trainer.log_every_n_steps=1",
+    )
+    run(cfg)
+    losses = json.loads((tmp_path / "ild" / "layer_losses.json").read_text())
+    assert set(losses) == {"0", "1", "2", "3"}
+    assert all(set(row) == {"mla", "mamba"} and all(v > 0 for v in row.values()) for row in losses.values())
+    for kind in ("mla", "mamba"):
+        assert (tmp_path / "ild" / "candidates" / kind / "config.json").exists()
+    # The training loss (sum over layers and candidates) goes down.
+    import csv
+
+    with open(tmp_path / "ild" / "logs" / "metrics.csv") as handle:
+        train = [float(r["train/loss"]) for r in csv.DictReader(handle) if r.get("train/loss")]
+    print(f"ILD train loss: first {train[0]:.4f}, last {train[-1]:.4f} ({len(train)} logged)")
+    assert len(train) >= 2 and train[-1] < 0.8 * train[0]
+    # The composed student follows the preset's map, each layer from its candidate.
+    student = AutoModelForCausalLM.from_pretrained(tmp_path / "ild" / "student", trust_remote_code=True)
+    assert student.config.mixer_types == ["mla", "mamba", "mla", "mamba"]
+    mla = AutoModelForCausalLM.from_pretrained(tmp_path / "ild" / "candidates" / "mla", trust_remote_code=True)
+    assert torch.equal(
+        student.model.layers[2].self_attn.kv_b_proj.weight, mla.model.layers[2].self_attn.kv_b_proj.weight
+    )
