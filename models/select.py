@@ -60,7 +60,7 @@ def smart_select(scores: list[float], num_mla: int, keep_terminal: bool = True) 
         trace.append(f"terminal layers 0 and {n - 1} kept as MLA")
         starts, ends = [0], {n - 1}
     else:
-        starts, ends = list(range(0, hi)), set(range(n - hi, n))
+        starts, ends = list(range(min(hi, n))), set(range(max(n - hi, 0), n))
     # best[k][i]: best total score of k+1 chosen layers ending at layer i (None: unreachable).
     best: list[list[float | None]] = [[None] * n for _ in range(num_mla)]
     back: list[list[int | None]] = [[None] * n for _ in range(num_mla)]
