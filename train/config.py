@@ -136,7 +136,9 @@ class MambaSettings:
 class StudentConfig:
     # Which layers become MLA: a list of indices, "all" or "none"; every other layer is Mamba2. With the
     # `select` stage, the list's length is the number of MLA layers SMART places (unless select says).
-    mla_layers: Any = "all"
+    mla_layers: Any = "all"  # or "smart": the select stage chooses (needs num_mla_layers or kv_budget)
+    num_mla_layers: int | None = None  # with mla_layers=smart: how many MLA layers SMART places
+    kv_budget: float | None = None  # with mla_layers=smart: KV cache per token as a fraction of the teacher's
     mla: MLASettings = field(default_factory=MLASettings)
     mamba: MambaSettings = field(default_factory=MambaSettings)
     gradient_checkpointing: bool = False  # recompute each student block in backward (memory for compute)
@@ -536,7 +538,15 @@ def _check_student(cfg: TrainConfig, spec) -> None:
     s = cfg.student
     layers = s.mla_layers
     if isinstance(layers, str):
-        _choice("student.mla_layers", layers, ("all", "none"))
+        _choice("student.mla_layers", layers, ("all", "none", "smart"))
+        if layers == "smart" and (s.num_mla_layers is None) == (s.kv_budget is None):
+            _fail(
+                "student.num_mla_layers",
+                s.num_mla_layers,
+                "set exactly one of it and student.kv_budget with mla_layers=smart",
+            )
+        if s.kv_budget is not None:
+            _between("student.kv_budget", s.kv_budget, 0.0, 1.0, open_low=True)
     elif not isinstance(layers, (list, tuple)) or not all(
         isinstance(i, int) and not isinstance(i, bool) for i in layers
     ):
@@ -562,6 +572,9 @@ def _check_student(cfg: TrainConfig, spec) -> None:
     kwargs = student_init_kwargs(s)
     kwargs.pop("rope_pairs")
     kwargs.pop("conv_init")
+    if kwargs["mla_layers"] == "smart":  # the map is chosen later; every layer must fit either mixer
+        kwargs["mla_layers"] = "all"
+        build_student_config(spec, **{**kwargs, "mla_layers": "none"})
     try:
         build_student_config(spec, **kwargs)
     except ValueError as e:
@@ -595,12 +608,18 @@ def _check_training(cfg: TrainConfig) -> None:
     _at_least("ild.mixer_weight", ild.mixer_weight, 0.0, integer=False)
     if ild.output_weight == 0 and ild.mixer_weight == 0:
         _fail("ild.output_weight", ild.output_weight, "> 0 when ild.mixer_weight is 0 (nothing to learn)")
+    if cfg.student.mla_layers == "smart" and "select" not in stages:
+        _fail("student.mla_layers", "smart", "a list, 'all' or 'none' unless the select stage runs")
     if "select" in stages:
         if "ild" not in stages:
             raise ConfigError(f"stages={list(stages)}: 'select' needs 'ild' before it (SMART scores are ILD losses)")
         if ild.candidates == "assigned":
             _fail("ild.candidates", ild.candidates, "'auto' or 'both' when the select stage runs")
-        if sel.num_mla_layers is None and not isinstance(cfg.student.mla_layers, (list, tuple)):
+        if (
+            sel.num_mla_layers is None
+            and cfg.student.mla_layers != "smart"
+            and not isinstance(cfg.student.mla_layers, (list, tuple))
+        ):
             _fail(
                 "select.num_mla_layers",
                 None,
@@ -627,7 +646,8 @@ def _check_training(cfg: TrainConfig) -> None:
     _check_optim("dpo", cfg.dpo)
     if not cfg.dpo.beta > 0:
         _fail("dpo.beta", cfg.dpo.beta, "a number > 0")
-    if "dpo" in stages and not cfg.dpo.sources:
+    if "dpo" in stages and not cfg.dpo.sources and cfg.teacher.name_or_path != "tiny":
+        # The embedded preference pairs are written in the tiny corpus's language: only for the tiny teacher.
         _fail("dpo.sources", [], "at least one preference dataset when the dpo stage runs")
     for i, src in enumerate(cfg.dpo.sources):
         try:

@@ -8,6 +8,7 @@ directories (`<stage>/student`), so any stage's output can be inspected or loade
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -19,26 +20,30 @@ from typing import Any
 import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from data.config import DataConfig
+from data.config import DataConfig, SourceConfig
 from data.datamodule import DistillDataModule
+from data.preferences import collate_pairs, preference_splits
 from models import HybridForCausalLM, student_cache_bytes, teacher_cache_bytes
 from models.init import convert_teacher
+from models.select import num_mla_for_budget, sensitivity_from_ild, smart_select
 from models.teacher import TeacherSpec, load_teacher
 
 from .config import student_init_kwargs
+from .dpo import DPOModule, preference_metrics
 from .evaluate import heldout_loss
 from .ild import ILDModule, compose_student
 from .kd import KDModule
 from .losses import KDLossConfig
-from .plots import plot_ild_layers, plot_losses
+from .plots import plot_ild_layers, plot_losses, plot_selection
 from .tiny_teacher import ensure_tiny_teacher
 from .trainer import make_trainer
 
 log = logging.getLogger(__name__)
-TRAINING_STAGES = ("ild", "kd")
-NOT_YET = ("select", "dpo")
+TRAINING_STAGES = ("ild", "kd", "dpo")
+NOT_YET = ()
 
 
 @dataclass
@@ -57,7 +62,7 @@ class Context:
         return self.out / stage
 
     def latest_student_dir(self) -> Path:
-        for stage in ("kd", "ild", "init"):
+        for stage in ("dpo", "kd", "select", "ild", "init"):
             path = self.stage_dir(stage) / "student"
             if (path / "config.json").exists():
                 return path
@@ -127,15 +132,18 @@ def _wants_candidates(cfg: DictConfig) -> bool:
 
 def stage_init(ctx: Context) -> dict:
     kwargs = student_init_kwargs(ctx.cfg.student)
-    student, report = convert_teacher(ctx.teacher, ctx.spec, **kwargs)
-    print(report.table())
     folder = ctx.stage_dir("init")
-    report.to_json(folder / "init_report.json")
-    _save_student(student, folder / "student", ctx.tokenizer)
     if _wants_candidates(ctx.cfg):
         for kind, layers in (("mla", "all"), ("mamba", "none")):
-            candidate, _ = convert_teacher(ctx.teacher, ctx.spec, **{**kwargs, "mla_layers": layers})
+            candidate, report = convert_teacher(ctx.teacher, ctx.spec, **{**kwargs, "mla_layers": layers})
+            report.to_json(folder / f"init_report_{kind}.json")
             _save_student(candidate, folder / "candidates" / kind, ctx.tokenizer)
+    if kwargs["mla_layers"] == "smart":  # the map comes from the select stage
+        return {}
+    student, report = convert_teacher(ctx.teacher, ctx.spec, **kwargs)
+    print(report.table())
+    report.to_json(folder / "init_report.json")
+    _save_student(student, folder / "student", ctx.tokenizer)
     ctx.report["init"] = {"student_params": report.student_params, "teacher_params": report.teacher_params}
     return {"mixer_types": student.config.mixer_types}
 
@@ -144,7 +152,11 @@ def _optim(stage_cfg: DictConfig) -> dict:
     return {k: stage_cfg[k] for k in ("lr", "weight_decay", "warmup_steps", "max_steps", "min_lr_ratio")}
 
 
-def _fit(ctx: Context, stage: str, module: L.LightningModule, phase: str) -> L.Trainer:
+def _fit(
+    ctx: Context, stage: str, module: L.LightningModule, phase: str | None, loaders: dict | None = None
+) -> L.Trainer:
+    """Train one stage (resuming from its last checkpoint); `phase` picks the distillation stream, or
+    `loaders` (train/val DataLoaders) give another one (DPO's preference pairs)."""
     stage_cfg = ctx.cfg[stage]
     folder = ctx.stage_dir(stage)
     trainer, checkpoint = make_trainer(
@@ -159,11 +171,14 @@ def _fit(ctx: Context, stage: str, module: L.LightningModule, phase: str) -> L.T
         ctx.cfg.eval.max_batches,
         ctx.callbacks.get(stage),
     )
-    data = DistillDataModule(ctx.data_cfg, ctx.tokenizer, phase=phase)
+    data = DistillDataModule(ctx.data_cfg, ctx.tokenizer, phase=phase) if phase else None
     last = folder / "checkpoints" / "last.ckpt"
     if last.exists():
         log.info("stage %s: resuming from %s", stage, last)
-    trainer.fit(module, datamodule=data, ckpt_path=str(last) if last.exists() else None)
+    if data is not None:
+        trainer.fit(module, datamodule=data, ckpt_path=str(last) if last.exists() else None)
+    else:
+        trainer.fit(module, loaders["train"], loaders["val"], ckpt_path=str(last) if last.exists() else None)
     if trainer.interrupted or trainer.global_step < stage_cfg.max_steps:
         # Lightning returns normally after Ctrl-C or SIGTERM; the stage is not finished and must not count as done.
         raise RuntimeError(
@@ -209,19 +224,55 @@ def stage_ild(ctx: Context) -> dict:
             _, _, name, layer = key.split("/")
             layer_losses.setdefault(layer.removeprefix("layer_"), {})[name] = float(value)
     write_json(ctx.stage_dir("ild") / "layer_losses.json", layer_losses)
-    mixer_types = _load_student(init / "student").config.mixer_types
-    student = (
-        compose_student(module.students, mixer_types)
-        if "assigned" not in module.students
-        else module.students["assigned"]
-    )
-    _save_student(student, ctx.stage_dir("ild") / "student", ctx.tokenizer)
+    if (init / "student" / "config.json").exists():  # a fixed map: the student is known now
+        mixer_types = _load_student(init / "student").config.mixer_types
+        student = module.students["assigned"] if "assigned" in module.students else None
+        student = student or compose_student(dict(module.students), mixer_types)
+        _save_student(student, ctx.stage_dir("ild") / "student", ctx.tokenizer)
     if "assigned" not in module.students:
         for kind, candidate in module.students.items():
             _save_student(candidate, ctx.stage_dir("ild") / "candidates" / kind, ctx.tokenizer)
     plot_ild_layers(layer_losses, ctx.out / "ild_layer_losses.png")
     ctx.report["ild"] = {"tokens_seen": module.tokens_seen, "layer_losses": layer_losses}
     return {"tokens_seen": module.tokens_seen}
+
+
+def stage_select(ctx: Context) -> dict:
+    """SMART: per-layer sensitivity from both candidates' held-out ILD losses, then the spacing rule."""
+    cfg, spec = ctx.cfg, ctx.spec
+    losses = json.loads((ctx.stage_dir("ild") / "layer_losses.json").read_text())
+    scores = sensitivity_from_ild(losses, spec.num_layers)
+    aligned = {kind: _load_student(ctx.stage_dir("ild") / "candidates" / kind) for kind in ("mla", "mamba")}
+    teacher_bytes = teacher_cache_bytes(spec.num_layers, spec.num_kv_heads, spec.head_dim).per_token
+    per_mla_layer = student_cache_bytes(aligned["mla"].config).per_token // spec.num_layers
+    layers_cfg = cfg.student.mla_layers
+    if cfg.select.get("num_mla_layers") is not None:
+        count = cfg.select.num_mla_layers
+    elif layers_cfg == "smart" and cfg.student.num_mla_layers is not None:
+        count = cfg.student.num_mla_layers
+    elif layers_cfg == "smart":
+        count = num_mla_for_budget(cfg.student.kv_budget, teacher_bytes, per_mla_layer, spec.num_layers)
+    else:
+        count = len(list(layers_cfg))
+    selection = smart_select(scores, count, cfg.select.keep_terminal)
+    for line in selection.trace:
+        log.info("select: %s", line)
+    mixer_types = ["mla" if i in selection.layers else "mamba" for i in range(spec.num_layers)]
+    folder = ctx.stage_dir("select")
+    _save_student(compose_student(aligned, mixer_types), folder / "student", ctx.tokenizer)
+    initial = {kind: _load_student(ctx.stage_dir("init") / "candidates" / kind) for kind in ("mla", "mamba")}
+    _save_student(compose_student(initial, mixer_types), folder / "initialized_student", ctx.tokenizer)
+    result = {
+        "mla_layers": selection.layers,
+        "scores": scores,
+        "trace": selection.trace,
+        "kv_bytes_per_token": per_mla_layer * len(selection.layers),
+        "teacher_kv_bytes_per_token": teacher_bytes,
+    }
+    write_json(folder / "selection.json", result)
+    plot_selection(scores, selection.layers, ctx.out / "select_scores.png")
+    ctx.report["select"] = result
+    return {"mla_layers": selection.layers}
 
 
 def stage_kd(ctx: Context) -> dict:
@@ -244,6 +295,35 @@ def stage_kd(ctx: Context) -> dict:
     return {"tokens_seen": module.tokens_seen}
 
 
+def stage_dpo(ctx: Context) -> dict:
+    """Preference tuning of the latest student against a frozen copy of itself."""
+    c = ctx.cfg.dpo
+    source = ctx.latest_student_dir()
+    policy, reference = _load_student(source), _load_student(source)
+    sources = [SourceConfig(**_container(s)) for s in c.sources] if c.sources else []
+    train_pairs, eval_pairs = preference_splits(sources, ctx.tokenizer, ctx.data_cfg.seq_len, ctx.cfg.seed)
+    pad = ctx.tokenizer.pad_token_id if ctx.tokenizer.pad_token_id is not None else ctx.tokenizer.eos_token_id
+    collate = functools.partial(collate_pairs, pad_id=pad)
+    batch = ctx.data_cfg.micro_batch_size
+    generator = torch.Generator().manual_seed(ctx.cfg.seed)
+    loaders = {
+        "train": DataLoader(train_pairs, batch_size=batch, shuffle=True, generator=generator, collate_fn=collate),
+        "val": DataLoader(eval_pairs, batch_size=batch, collate_fn=collate),
+    }
+    before = preference_metrics(policy, reference, loaders["val"], c.beta)
+    module = DPOModule(policy, reference, _optim(c), c.beta)
+    _fit(ctx, "dpo", module, None, loaders)
+    after = preference_metrics(module.policy, reference, loaders["val"], c.beta)
+    log.info("dpo held-out: before %s, after %s", before, after)
+    _save_student(module.policy, ctx.stage_dir("dpo") / "student", ctx.tokenizer)
+    ctx.report["dpo"] = {
+        "pairs": {"train": len(train_pairs), "held_out": len(eval_pairs)},
+        "before": before,
+        "after": after,
+    }
+    return {"before": before, "after": after}
+
+
 def stage_eval(ctx: Context) -> dict:
     data = DistillDataModule(ctx.data_cfg, ctx.tokenizer, phase="kd")
     data.setup()
@@ -254,10 +334,10 @@ def stage_eval(ctx: Context) -> dict:
     rows["teacher"]["kv_bytes_per_token"] = teacher_cache_bytes(
         ctx.spec.num_layers, ctx.spec.num_kv_heads, ctx.spec.head_dim
     ).per_token
-    candidates = [
-        ("initialized student", ctx.stage_dir("init") / "student"),
-        ("final student", ctx.latest_student_dir()),
-    ]
+    initialized = ctx.stage_dir("select") / "initialized_student"
+    if not initialized.exists():
+        initialized = ctx.stage_dir("init") / "student"
+    candidates = [("initialized student", initialized), ("final student", ctx.latest_student_dir())]
     for name, path in candidates:
         if not (path / "config.json").exists():
             continue
@@ -290,4 +370,12 @@ def summary_table(rows: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-STAGES = {"init": stage_init, "ild": stage_ild, "kd": stage_kd, "eval": stage_eval, "export": stage_export}
+STAGES = {
+    "init": stage_init,
+    "ild": stage_ild,
+    "select": stage_select,
+    "kd": stage_kd,
+    "dpo": stage_dpo,
+    "eval": stage_eval,
+    "export": stage_export,
+}

@@ -58,3 +58,15 @@ def plot_ild_layers(layer_losses: dict[str, dict[str, float]], target: Path) -> 
     fig.savefig(target, dpi=100)
     plt.close(fig)
     return target
+
+
+def plot_selection(scores: list[float], chosen: list[int], target: Path) -> Path:
+    """SMART sensitivity per layer, the layers chosen as MLA highlighted."""
+    fig, ax = plt.subplots(figsize=(max(4, len(scores) * 0.5), 3.5))
+    colors = ["tab:red" if i in chosen else "tab:gray" for i in range(len(scores))]
+    ax.bar(range(len(scores)), scores, color=colors)
+    ax.set(xlabel="layer", ylabel="log(L_mamba / L_mla)", title=f"SMART sensitivity; MLA layers {chosen} in red")
+    fig.tight_layout()
+    fig.savefig(target, dpi=100)
+    plt.close(fig)
+    return target

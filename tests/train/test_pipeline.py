@@ -130,3 +130,39 @@ def test_ild_trains_both_candidates_and_records_their_layer_losses(tmp_path, tea
     assert torch.equal(
         student.model.layers[2].self_attn.kv_b_proj.weight, mla.model.layers[2].self_attn.kv_b_proj.weight
     )
+
+
+def test_all_stages_with_smart_selection_and_dpo(tmp_path, teacher_cache):
+    cfg = small(
+        tmp_path,
+        teacher_cache,
+        "stages=[init,ild,select,kd,dpo,eval,export]",
+        "student.mla_layers=smart",
+        "student.num_mla_layers=2",
+        "ild.max_steps=12",
+        "dpo.lr=3e-4",  # micro batches of 4 pairs: a larger step than the preset's batches of 8
+    )
+    report = run(cfg)
+    selection = json.loads((tmp_path / "select" / "selection.json").read_text())
+    assert selection["mla_layers"] == [0, 3]  # terminal layers kept: the rule's only 2-layer map
+    assert len(selection["scores"]) == 4 and selection["trace"]
+    assert selection["kv_bytes_per_token"] <= selection["teacher_kv_bytes_per_token"]
+    assert (tmp_path / "select_scores.png").exists()
+    final = AutoModelForCausalLM.from_pretrained(tmp_path / "student", trust_remote_code=True)
+    assert final.config.mixer_types == ["mla", "mamba", "mamba", "mla"]
+    before, after = report["dpo"]["before"], report["dpo"]["after"]
+    print(f"DPO held-out: before {before}, after {after}")
+    assert after["reward_margin"] > before["reward_margin"] + 0.1
+    assert after["reward_accuracy"] > 0.6 > before["reward_accuracy"]
+    assert after["likelihood_accuracy"] >= before["likelihood_accuracy"]
+
+
+def test_dpo_loss_matches_its_formula():
+    from train.dpo import dpo_terms
+
+    policy = torch.tensor([-3.0, -2.0, -5.0, -1.0])  # chosen rows first
+    reference = torch.tensor([-4.0, -2.5, -4.5, -1.0])
+    terms = dpo_terms(policy, reference, beta=0.5)
+    margins = 0.5 * torch.tensor([(-3.0 + 4.0) - (-5.0 + 4.5), (-2.0 + 2.5) - (-1.0 + 1.0)])
+    assert torch.allclose(terms["loss"], -torch.nn.functional.logsigmoid(margins).mean())
+    assert torch.allclose(terms["margin"], margins.mean()) and terms["accuracy"] == 1.0
