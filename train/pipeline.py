@@ -43,7 +43,6 @@ from .trainer import make_trainer
 
 log = logging.getLogger(__name__)
 TRAINING_STAGES = ("ild", "kd", "dpo")
-NOT_YET = ()
 
 
 @dataclass
@@ -83,9 +82,6 @@ def _container(node: Any) -> Any:
 def run(cfg: DictConfig, callbacks: dict[str, list] | None = None) -> dict:
     """Run the configured stages; returns the report. `callbacks`: extra Lightning callbacks per stage."""
     stages = list(cfg.stages)
-    unavailable = [s for s in stages if s in NOT_YET]
-    if unavailable:
-        raise ValueError(f"stages {unavailable} are not available yet; available: init, ild, kd, eval, export")
     if cfg.kd.get("teacher_name_or_path"):
         raise ValueError("kd.teacher_name_or_path (a separate, larger KD teacher) is not supported yet: set it to null")
     out = Path(cfg.output_dir).resolve()
