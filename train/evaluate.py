@@ -11,6 +11,8 @@ from torch.utils.data import DataLoader
 from data.batch import shift_labels, teacher_inputs
 from models import HybridForCausalLM
 
+from .losses import KDLossConfig, kd_loss
+
 
 @torch.no_grad()
 def heldout_loss(model: torch.nn.Module, loader: DataLoader, max_batches: int | None = None) -> dict[str, float]:
@@ -33,3 +35,42 @@ def heldout_loss(model: torch.nn.Module, loader: DataLoader, max_batches: int | 
         tokens += int((targets != -100).sum())
     loss = total / max(tokens, 1)
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": tokens}
+
+
+@torch.no_grad()
+def heldout_agreement(
+    student: HybridForCausalLM, teacher: torch.nn.Module, loader: DataLoader, max_batches: int | None = None
+) -> dict[str, float]:
+    """Token-weighted KL(teacher || student) per token and top-1 agreement on the eval stream (chunked)."""
+    cfg = KDLossConfig(divergence="forward_kl", chunk_tokens=2048)
+    device = next(student.parameters()).device
+    kl, agree, tokens = 0.0, 0.0, 0
+    for index, batch in enumerate(loader):
+        if max_batches is not None and index >= max_batches:
+            break
+        batch = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+        t_hidden = teacher.model(**teacher_inputs(batch, teacher)).last_hidden_state
+        s_hidden = student.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).last_hidden_state
+        out = kd_loss(
+            s_hidden, student.lm_head.weight, t_hidden, teacher.lm_head.weight, shift_labels(batch["labels"]), cfg
+        )
+        kl += out.divergence.item() * out.num_tokens
+        agree += float(out.top1_agreement) * out.num_tokens
+        tokens += out.num_tokens
+    return {"kl_to_teacher": kl / max(tokens, 1), "top1_agreement": agree / max(tokens, 1)}
+
+
+@torch.no_grad()
+def side_by_side(models: dict[str, torch.nn.Module], tokenizer, prompts: list[str], max_new_tokens: int) -> list[dict]:
+    """Greedy continuations of each prompt by each model."""
+    rows = []
+    for prompt in prompts:
+        ids = tokenizer(prompt, return_tensors="pt")
+        row = {"prompt": prompt}
+        for name, model in models.items():
+            out = model.generate(
+                **ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+            )
+            row[name] = tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
+        rows.append(row)
+    return rows

@@ -33,7 +33,7 @@ from models.teacher import TeacherSpec, load_teacher
 
 from .config import student_init_kwargs
 from .dpo import DPOModule, preference_metrics
-from .evaluate import heldout_loss
+from .evaluate import heldout_agreement, heldout_loss, side_by_side
 from .ild import ILDModule, compose_student
 from .kd import KDModule
 from .losses import KDLossConfig
@@ -334,18 +334,37 @@ def stage_eval(ctx: Context) -> dict:
     if not initialized.exists():
         initialized = ctx.stage_dir("init") / "student"
     candidates = [("initialized student", initialized), ("final student", ctx.latest_student_dir())]
+    students: dict[str, HybridForCausalLM] = {}
     for name, path in candidates:
         if not (path / "config.json").exists():
             continue
         student = _load_student(path)
+        students[name] = student
         rows[name] = heldout_loss(student, loader, max_batches)
+        rows[name].update(heldout_agreement(student, ctx.teacher, loader, max_batches))
         rows[name]["params"] = sum(p.numel() for p in student.parameters())
         rows[name]["kv_bytes_per_token"] = student_cache_bytes(student.config).per_token
     ctx.report["eval"] = rows
+    prompts = [
+        ctx.tokenizer.decode(b["input_ids"][0, :12], skip_special_tokens=True)
+        for b in _first(loader, ctx.cfg.eval.num_generations)
+    ]
+    ctx.report["generations"] = side_by_side(
+        {"teacher": ctx.teacher, **students}, ctx.tokenizer, prompts, ctx.cfg.eval.max_new_tokens
+    )
     ctx.report["tokens_seen"] = sum(ctx.report.get(s, {}).get("tokens_seen", 0) for s in TRAINING_STAGES)
     print(summary_table(rows))
     plot_losses(ctx.out, ctx.out / "loss_curves.png")
     return {}
+
+
+def _first(loader: DataLoader, count: int) -> list[dict]:
+    batches = []
+    for batch in loader:
+        if len(batches) >= count:
+            break
+        batches.append(batch)
+    return batches
 
 
 def stage_export(ctx: Context) -> dict:
@@ -357,10 +376,15 @@ def stage_export(ctx: Context) -> dict:
 
 
 def summary_table(rows: dict[str, dict]) -> str:
-    lines = [f"{'model':<20} {'held-out loss':>13} {'perplexity':>10} {'KV B/token':>10} {'params':>12}"]
+    lines = [
+        f"{'model':<20} {'held-out loss':>13} {'perplexity':>10} {'KL to teacher':>13} {'top-1 agree':>11} "
+        f"{'KV B/token':>10} {'params':>12}"
+    ]
     for name, row in rows.items():
+        kl = f"{row['kl_to_teacher']:>13.4f}" if "kl_to_teacher" in row else f"{'-':>13}"
+        agree = f"{row['top1_agreement']:>11.3f}" if "top1_agreement" in row else f"{'-':>11}"
         lines.append(
-            f"{name:<20} {row['loss']:>13.4f} {row['perplexity']:>10.2f} {row['kv_bytes_per_token']:>10} "
+            f"{name:<20} {row['loss']:>13.4f} {row['perplexity']:>10.2f} {kl} {agree} {row['kv_bytes_per_token']:>10} "
             f"{row['params']:>12,}"
         )
     return "\n".join(lines)

@@ -63,6 +63,10 @@ def test_tiny_pipeline_end_to_end(tmp_path, teacher_cache):
     for stage in ("init", "ild", "kd", "eval", "export"):
         assert (out / stage / "done.json").exists()
     assert {"teacher", "initialized student", "final student"} <= set(report["eval"])
+    final = report["eval"]["final student"]
+    assert final["kl_to_teacher"] < report["eval"]["initialized student"]["kl_to_teacher"]
+    assert 0 <= final["top1_agreement"] <= 1
+    assert report["generations"] and {"prompt", "teacher", "final student"} <= set(report["generations"][0])
     saved = json.loads((out / "report.json").read_text())
     assert saved["eval"]["final student"]["kv_bytes_per_token"] < saved["eval"]["teacher"]["kv_bytes_per_token"]
     assert saved["tokens_seen"] > 0 and set(saved["stage_seconds"]) == {"init", "ild", "kd", "eval", "export"}
