@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
+import signal
 from collections.abc import Mapping
 from typing import Any
 
@@ -33,11 +35,24 @@ from data.order import (
     StreamSampler,
     consumed_after,
 )
+from data.sources import DataSourceError
 
 log = logging.getLogger(__name__)
 
 TRAIN_PHASES = ("ild", "kd")
 STATE_VERSION = 1
+
+
+def worker_init(worker_id: int) -> None:
+    """DataLoader workers ignore SIGTERM / SIGUSR1: a cluster signals the whole process group, and a worker that
+    died of it would make the main process fail mid-step instead of finishing the step and saving a checkpoint
+    (train/preemption.py). Workers still exit with the loader, or when the main process is gone."""
+    for signum in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(signum, signal.SIG_IGN)
+    if os.environ.get("PL_SEED_WORKERS") == "1":  # what Lightning adds when a loader has no worker_init_fn
+        from lightning.fabric.utilities.seed import pl_worker_init_function
+
+        pl_worker_init_function(worker_id)
 
 
 class DistillDataModule(L.LightningDataModule):
@@ -104,6 +119,7 @@ class DistillDataModule(L.LightningDataModule):
             drop_last=isinstance(sampler, StreamSampler),
             collate_fn=functools.partial(collate_rows, seq_len=self.cfg.seq_len, pad_id=pad),
             num_workers=workers,
+            worker_init_fn=worker_init if workers > 0 else None,
             pin_memory=pin,
             persistent_workers=workers > 0,
         )
@@ -113,7 +129,7 @@ class DistillDataModule(L.LightningDataModule):
         self.setup()
         data = self.phases[phase]
         if len(data.rows) == 0:
-            raise ValueError(
+            raise DataSourceError(
                 f"data: phase {phase!r} has no documents (ild_fraction={self.cfg.ild_fraction}, "
                 f"eval_fraction={self.cfg.eval_fraction})"
             )
@@ -139,7 +155,7 @@ class DistillDataModule(L.LightningDataModule):
         self.setup()
         rows = self.phases["eval"].rows
         if len(rows) == 0:
-            raise ValueError(f"data: no held-out rows (eval_fraction={self.cfg.eval_fraction})")
+            raise DataSourceError(f"data: no held-out rows (eval_fraction={self.cfg.eval_fraction})")
         rank, world = self._dist()
         sampler = DistributedSampler(RowDataset(rows), num_replicas=world, rank=rank, shuffle=False)
         return self._loader(RowDataset(rows), sampler, self.cfg.eval_micro_batch_size or self.cfg.micro_batch_size)
@@ -189,7 +205,7 @@ class DistillDataModule(L.LightningDataModule):
                 and "fingerprint" in info
                 and (info["fingerprint"] != ours.fingerprint or state["seed"] != self.cfg.seed)
             ):
-                raise ValueError(
+                raise DataSourceError(
                     f"data: cannot resume phase {p!r}: the checkpoint consumed {info['consumed']} rows "
                     f"of data {info['fingerprint']} ({info['num_rows']} rows, seed {state['seed']}), "
                     f"but this config gives data {ours.fingerprint} ({len(ours.rows)} rows, "

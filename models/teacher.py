@@ -109,6 +109,71 @@ def describe_teacher(config: PretrainedConfig) -> TeacherSpec:
     )
 
 
+class TeacherLoadError(ValueError):
+    """The teacher cannot be used; the message is one line naming teacher.name_or_path, the file and the cause."""
+
+
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+
+
+def check_weight_files(name_or_path: str, required: bool = True) -> None:
+    """Read the headers of a local teacher's safetensors files (cheap: no tensor data) so a truncated or corrupted
+    file fails in seconds with its name, not deep inside `from_pretrained`. `required`: weights must be present.
+    Hub ids and non-directories are left to `from_pretrained`."""
+    import json
+
+    from safetensors import safe_open
+
+    path = Path(name_or_path)
+    if not path.is_dir():
+        return
+    files = [path / name for name in WEIGHT_FILES if (path / name).is_file()]
+    if not files:
+        if required:
+            raise TeacherLoadError(
+                f"teacher.name_or_path={name_or_path!r} has a config.json but no weights (one of {list(WEIGHT_FILES)})"
+            )
+        return
+    shards = []
+    for f in files:
+        if f.name.endswith(".index.json"):
+            try:
+                weight_map = json.loads(f.read_text())["weight_map"]
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                raise TeacherLoadError(
+                    f"teacher.name_or_path={name_or_path!r}: {f.name} is not a valid weight index ({e})"
+                ) from e
+            for shard in sorted(set(weight_map.values())):
+                if not (path / shard).is_file():
+                    raise TeacherLoadError(
+                        f"teacher.name_or_path={name_or_path!r}: {f.name} lists {shard}, which is missing"
+                    )
+                shards.append(path / shard)
+        else:
+            shards.append(f)
+    for shard in shards:
+        if shard.suffix != ".safetensors":
+            continue  # .bin files are read by torch.load(weights_only=True) inside from_pretrained
+        try:
+            with safe_open(str(shard), framework="pt") as handle:
+                handle.keys()
+        except Exception as e:  # SafetensorError (header damaged or the file shorter than its header says)
+            raise TeacherLoadError(
+                f"teacher.name_or_path={name_or_path!r}: {shard.name} is damaged ({_first_line(e)}); download or "
+                "copy it again"
+            ) from e
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0][:300] if text else type(error).__name__
+
+
 def load_teacher_config(name_or_path: str, trust_remote_code: bool = False) -> PretrainedConfig:
     """The teacher's config (Hub id or local dir), with a clear error for paths that hold no model."""
     path = Path(name_or_path)
@@ -126,12 +191,18 @@ def load_teacher(
 ) -> tuple[PreTrainedModel, TeacherSpec]:
     """Load a supported teacher frozen in eval mode; the architecture is checked before the weights."""
     spec = describe_teacher(load_teacher_config(name_or_path, trust_remote_code))
+    check_weight_files(name_or_path)
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    model = AutoModelForCausalLM.from_pretrained(
-        name_or_path,
-        dtype=dtype,
-        trust_remote_code=trust_remote_code,
-        attn_implementation=attn_implementation,
-    )
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            name_or_path,
+            dtype=dtype,
+            trust_remote_code=trust_remote_code,
+            attn_implementation=attn_implementation,
+        )
+    except Exception as e:  # damaged weights, a missing shard, a download that failed: one line naming the teacher
+        raise TeacherLoadError(
+            f"teacher.name_or_path={name_or_path!r}: cannot load the weights ({type(e).__name__}: {_first_line(e)})"
+        ) from e
     model.to(device).eval().requires_grad_(False)
     return model, spec

@@ -1,37 +1,140 @@
 """`python -m train [conf=<preset>] [overrides]`: compose the config, check it, run the stages.
 
-A thin Hydra entry (lightning-hydra-template style): everything it does lives in `train.pipeline.run`,
-which tests call directly. Config errors end in one line naming the key (full traceback with
-HYDRA_FULL_ERROR=1).
+A thin Hydra entry (lightning-hydra-template style): everything it does lives in `train.pipeline.run`, which tests
+call directly. Every failure a user can cause or suffer ends in one line on stderr and an exit code
+(docs/reliability.md):
+
+  2        a bad config, teacher or data (config mistakes within seconds, before any model loads)
+  3        a non-finite loss stopped a training stage (its last.ckpt holds the weights before it)
+  4        a checkpoint could not be written, read or resumed (the previous one is intact)
+  128 + N  stopped by signal N (SIGTERM 143, SIGUSR1 138) after writing the current step's checkpoint
+
+HYDRA_FULL_ERROR=1 shows the full traceback instead. Secrets in the environment never reach the logs (train/redact).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
+from typing import NoReturn
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from train.config import ConfigError, validate_config
+from train.config import ConfigError, compose_config, validate_config
+
+EXIT_BAD_INPUT = 2
+log = logging.getLogger(__name__)
+
+
+def _full_error() -> bool:
+    return os.environ.get("HYDRA_FULL_ERROR") == "1"
+
+
+def _one_line(message: str) -> str:
+    lines = [line.strip() for line in str(message).splitlines() if line.strip()]
+    if lines and lines[0].startswith("Caught ") and any("Original Traceback" in line for line in lines):
+        lines = lines[-1:]  # re-raised from a DataLoader worker: the last line is the original message
+    return " ".join(lines)
+
+
+def _exit(message: str, code: int) -> NoReturn:
+    """Print one line on stderr (and into the run's log file), then exit with `code`."""
+    from train.redact import redact
+
+    line = redact(_one_line(message))
+    record = logging.LogRecord(__name__, logging.ERROR, __file__, 0, line, None, None)
+    for handler in logging.getLogger().handlers:  # the log file only: the console gets the line below
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+    print(line, file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
+def _precheck(argv: list[str]) -> None:
+    """Compose the config once the way @hydra.main will, so that what Hydra reports as a multi-line error (an
+    unknown key or preset, a wrong type, override syntax, a broken interpolation in output_dir) is one line too."""
+    if _full_error():
+        return
+    try:
+        from hydra._internal.utils import get_args_parser  # Hydra 1.3's own command line
+    except ImportError:
+        return
+    args = get_args_parser().parse_args(argv)  # bad flags: argparse prints its usage line and exits 2
+    if (
+        args.help
+        or args.hydra_help
+        or args.multirun
+        or args.shell_completion
+        or args.info
+        or args.config_path
+        or args.config_dir
+        or args.experimental_rerun
+    ):
+        return
+    try:
+        cfg = compose_config(args.overrides, args.config_name or "train")
+        cfg.output_dir  # noqa: B018 -- resolves it: it is also Hydra's run dir, resolved before main runs
+    except ConfigError as error:
+        _exit(f"config error: {error}", EXIT_BAD_INPUT)
+    except Exception as error:  # OmegaConf interpolation errors
+        from train.config import composition_message
+
+        _exit(f"config error: {composition_message(error, args.overrides)}", EXIT_BAD_INPUT)
+
+
+def _user_errors() -> dict[type, int]:
+    """Exceptions that are the user's to fix or expected on clusters, with their exit codes (others: traceback)."""
+    from data.sources import DataSourceError
+    from models.teacher import TeacherLoadError
+    from train.faults import FaultError
+
+    return {
+        ConfigError: EXIT_BAD_INPUT,
+        DataSourceError: EXIT_BAD_INPUT,
+        TeacherLoadError: EXIT_BAD_INPUT,
+        FaultError: 1,
+    }
+
+
+def _fault_callbacks(cfg: DictConfig) -> dict[str, list]:
+    """The `faults` settings as a NonFiniteLossGuard per stage (make_trainer uses it instead of its default)."""
+    from train.faults import NonFiniteLossGuard
+
+    settings = OmegaConf.to_container(cfg.faults, resolve=True)
+    return {stage: [NonFiniteLossGuard(**settings)] for stage in cfg.stages}
 
 
 @hydra.main(config_path="../conf", config_name="train", version_base=None)
 def main(cfg: DictConfig) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
-        validate_config(cfg)
+        validate_config(cfg, fetch_teacher=True)
     except (ConfigError, ValueError) as error:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        if _full_error():
             raise
-        print(f"config error: {error}", file=sys.stderr)
-        sys.exit(2)
+        _exit(f"config error: {error}", EXIT_BAD_INPUT)
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from train import redact
     from train.pipeline import run  # heavy imports only after the config is known to be good
 
-    logging.getLogger(__name__).info("resolved config:\n%s", OmegaConf.to_yaml(cfg, resolve=True))
-    run(cfg)
+    redact.install()
+    log.info("resolved config:\n%s", OmegaConf.to_yaml(cfg, resolve=True))
+    errors = tuple(_user_errors().items())
+    try:
+        run(cfg, callbacks=_fault_callbacks(cfg))
+    except SIGTERMException:  # Lightning's own SIGTERM exit (a SystemExit with status 0): the run did not finish
+        _exit("stopped by SIGTERM; rerun the same command to resume from the last checkpoint", 128 + signal.SIGTERM)
+    except Exception as error:
+        code = next((code for kind, code in errors if isinstance(error, kind)), None)
+        if code is None or _full_error():
+            raise
+        _exit(f"error: {error}", getattr(error, "exit_code", code))
 
 
 if __name__ == "__main__":
+    _precheck(sys.argv[1:])
     main()

@@ -224,6 +224,17 @@ class ExportConfig:
     dtype: str = "bfloat16"  # float32 | bfloat16 | float16 of the saved student weights
 
 
+@dataclass
+class FaultsConfig:
+    """What a training stage does when its loss or gradients turn NaN / inf (docs/reliability.md)."""
+
+    # "skip": drop that optimizer update (weights and AdamW moments untouched; the step counter and LR schedule
+    # advance, as with fp16 loss scaling), at most max_skips times per stage, then stop; "stop": stop at the first.
+    # Stopping writes last.ckpt (without the bad update) and exits with code 3.
+    nonfinite_loss: str = "skip"
+    max_skips: int = 10
+
+
 # ------------------------------------------------------------------------------- trainer, strategy, logger
 
 
@@ -322,6 +333,7 @@ class TrainConfig:
     dpo: DPOConfig = field(default_factory=DPOConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    faults: FaultsConfig = field(default_factory=FaultsConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     strategy: Any = MISSING  # typed by the chosen option (conf/strategy/*.yaml -> schema/strategy/<kind>)
     logger: Any = MISSING  # typed by the chosen option (conf/logger/*.yaml -> schema/logger/<kind>)
@@ -362,6 +374,59 @@ def _one_line(exc: BaseException) -> str:
     return ": ".join(dict.fromkeys(parts))
 
 
+def _chain(exc: BaseException | None):
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+def _override_value(overrides: list[str], key: str) -> str | None:
+    for override in overrides:
+        name, sep, value = override.lstrip("+~").partition("=")
+        if sep and name == key:
+            return value
+    return None
+
+
+def composition_message(exc: BaseException, overrides: list[str]) -> str:
+    """One line for a Hydra / OmegaConf composition error: the override, the key, the bad value, what is allowed."""
+    import difflib
+
+    from hydra.errors import OverrideParseException
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError
+
+    for e in _chain(exc):
+        if isinstance(e, OverrideParseException):
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else "syntax error"
+            return (
+                f"cannot parse the override {e.override!r}: {reason}; write key=value, lists as key=[a,b], and quote "
+                "values with spaces or special characters"
+            )
+        full_key = getattr(e, "full_key", None)
+        if isinstance(e, (ConfigAttributeError, ConfigKeyError)) and full_key:
+            schema = getattr(e, "object_type", None)
+            allowed = sorted(f.name for f in fields(schema)) if schema is not None and is_dataclass(schema) else []
+            parent = full_key.rpartition(".")[0]
+            value = _override_value(overrides, full_key)
+            message = f"{full_key}{'' if value is None else '=' + value} is not a config key"
+            close = difflib.get_close_matches(str(e.key), allowed, n=1)
+            if close:
+                message += f" (did you mean {parent + '.' if parent else ''}{close[0]}?)"
+            if allowed:
+                message += f"; allowed {'in ' + parent if parent else 'at the top level'}: {', '.join(allowed)}"
+            return message
+        if full_key and hasattr(e, "msg"):  # any other OmegaConf error: a wrong type, a broken interpolation
+            value = _override_value(overrides, full_key)
+            reason = str(e.msg or e).strip().splitlines()[0]
+            return f"{full_key}={value} is invalid: {reason}" if value is not None else f"{full_key}: {reason}"
+    message = _one_line(exc)
+    if message.startswith("Ambiguous value"):
+        message += ": write a list as key=[a,b], or quote a string with commas"
+    return message
+
+
 def compose_config(overrides: list[str] | None = None, config_name: str = "train") -> DictConfig:
     """Compose `conf/<config_name>.yaml` with Hydra overrides (e.g. ["conf=zebra_1b", "kd.lr=1e-4"]).
 
@@ -376,7 +441,7 @@ def compose_config(overrides: list[str] | None = None, config_name: str = "train
         try:
             return compose(config_name=config_name, overrides=list(overrides or []))
         except (HydraException, OmegaConfBaseException) as e:
-            raise ConfigError(_one_line(e)) from e
+            raise ConfigError(composition_message(e, list(overrides or []))) from e
 
 
 # --------------------------------------------------------------------------------------------- validate
@@ -465,10 +530,11 @@ def _typed(cfg: Any) -> TrainConfig:
     return obj
 
 
-def _teacher_spec(teacher: TeacherConfig, vocab_size: int = 1024):
-    """The TeacherSpec used to check the student: from `teacher.tiny`, from a local config.json, or None for a
-    Hub id (shape checks wait for the pipeline). `vocab_size` only fills the tiny spec (no check uses it)."""
-    from models.teacher import TeacherSpec, describe_teacher, load_teacher_config
+def _teacher_spec(teacher: TeacherConfig, vocab_size: int = 1024, fetch: bool = False):
+    """The TeacherSpec used to check the student: from `teacher.tiny`, from a local config.json (whose safetensors
+    headers are checked too), or for a Hub id None (shape checks wait for the pipeline) unless `fetch` (read its
+    config.json from the Hub or the local HF cache). `vocab_size` only fills the tiny spec (no check uses it)."""
+    from models.teacher import TeacherSpec, check_weight_files, describe_teacher, load_teacher_config
 
     name = teacher.name_or_path
     if name == TINY_TEACHER:
@@ -498,12 +564,25 @@ def _teacher_spec(teacher: TeacherConfig, vocab_size: int = 1024):
     path = Path(name).expanduser()
     if path.exists():
         try:
-            return describe_teacher(load_teacher_config(str(path), teacher.trust_remote_code))
+            spec = describe_teacher(load_teacher_config(str(path), teacher.trust_remote_code))
+            check_weight_files(str(path), required=False)
+            return spec
         except (OSError, ValueError) as e:
-            raise ConfigError(f"teacher.name_or_path={name!r}: {_one_line(e)}") from e
+            message = _one_line(e)
+            raise ConfigError(
+                message if message.startswith("teacher.") else f"teacher.name_or_path={name!r}: {message}"
+            ) from e
     if not is_hub_id(name):
         _fail("teacher.name_or_path", name, "'tiny', an existing local directory or a Hub id 'org/name'")
-    return None
+    if not fetch:
+        return None
+    try:
+        return describe_teacher(load_teacher_config(name, teacher.trust_remote_code))
+    except (OSError, ValueError) as e:
+        raise ConfigError(
+            f"teacher.name_or_path={name!r} is not a local directory and its config could not be read from the "
+            f"Hub: {_one_line(e)}"
+        ) from e
 
 
 def is_hub_id(name: str) -> bool:
@@ -659,6 +738,8 @@ def _check_training(cfg: TrainConfig) -> None:
     _at_least("eval.num_generations", cfg.eval.num_generations, 0)
     _at_least("eval.max_new_tokens", cfg.eval.max_new_tokens, 1)
     _choice("export.dtype", cfg.export.dtype, DTYPES)
+    _choice("faults.nonfinite_loss", cfg.faults.nonfinite_loss, ("skip", "stop"))
+    _at_least("faults.max_skips", cfg.faults.max_skips, 0)
 
 
 def _check_runtime(cfg: TrainConfig) -> None:
@@ -719,10 +800,12 @@ def _check_teacher(cfg: TrainConfig) -> None:
             _fail("teacher.tiny.num_kv_heads", tiny.num_kv_heads, f"a divisor of num_heads={tiny.num_heads}")
 
 
-def validate_config(cfg: Any) -> None:
+def validate_config(cfg: Any, fetch_teacher: bool = False) -> None:
     """Semantic checks before any model loads; raise ConfigError (one line: key, value, what is allowed).
 
-    Reads at most the teacher's config.json, and only for a local directory (see the module docstring).
+    Reads at most the teacher's config.json (and its safetensors headers), and only for a local directory (see the
+    module docstring); `fetch_teacher` also reads a Hub teacher's config.json, so its shape checks run too (the
+    main job does, it needs the teacher anyway).
     """
     from hydra.core.hydra_config import HydraConfig
 
@@ -745,9 +828,9 @@ def validate_config(cfg: Any) -> None:
         raise ConfigError(_one_line(e).replace("data config: ", "data.")) from e
     _check_training(c)
     _check_runtime(c)
-    spec = _teacher_spec(c.teacher)
-    local = spec is not None and c.teacher.name_or_path != TINY_TEACHER  # the tiny teacher is built to fit
-    if local and c.data.seq_len > spec.max_position_embeddings:
+    spec = _teacher_spec(c.teacher, fetch=fetch_teacher)
+    known = spec is not None and c.teacher.name_or_path != TINY_TEACHER  # the tiny teacher is built to fit
+    if known and c.data.seq_len > spec.max_position_embeddings:
         _fail(
             "data.seq_len",
             c.data.seq_len,

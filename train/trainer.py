@@ -1,4 +1,10 @@
-"""A Lightning Trainer from the `trainer`, `strategy` and `logger` config groups, for one stage folder."""
+"""A Lightning Trainer from the `trainer`, `strategy` and `logger` config groups, for one stage folder.
+
+Every trainer gets the fault handling of docs/reliability.md: atomic checkpoint writes and safe reads
+(`AtomicCheckpointIO`, or DeepSpeed's own writer with the resume check), the non-finite loss policy
+(`NonFiniteLossGuard`, from the `faults` config group) and a checkpoint on SIGTERM / SIGUSR1
+(`PreemptionCheckpoint`). A callback of the same kind in `extra_callbacks` replaces the default one.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +15,9 @@ import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
-from .checkpoint_io import AtomicCheckpointIO
+from .checkpoint_io import AtomicCheckpointIO, checked_deepspeed_strategy
+from .faults import NonFiniteLossGuard
+from .preemption import PreemptionCheckpoint
 
 
 def make_strategy(strategy: dict) -> Any:
@@ -22,9 +30,7 @@ def make_strategy(strategy: dict) -> Any:
 
         return DDPStrategy(**settings)
     if name.startswith("deepspeed"):
-        from lightning.pytorch.strategies import DeepSpeedStrategy
-
-        return DeepSpeedStrategy(**settings)
+        return checked_deepspeed_strategy(**settings)
     raise ValueError(f"strategy.name={name!r} is invalid: auto, ddp or deepspeed_*")
 
 
@@ -54,7 +60,9 @@ def make_trainer(
     checkpoint_every: int,
     limit_val_batches: int | None,
     extra_callbacks: list | None = None,
+    faults: dict | None = None,
 ) -> tuple[L.Trainer, ModelCheckpoint]:
+    """`faults`: the `faults` config group (nonfinite_loss, max_skips); None: its defaults."""
     checkpoint = ModelCheckpoint(
         dirpath=str(stage_dir / "checkpoints"),
         every_n_train_steps=checkpoint_every,
@@ -63,6 +71,9 @@ def make_trainer(
         monitor=None,
     )
     args = {k: v for k, v in trainer_cfg.items() if k not in ("gradient_checkpointing",)}
+    extra = list(extra_callbacks or [])
+    defaults = [NonFiniteLossGuard(**(faults or {})), PreemptionCheckpoint()]
+    extra += [d for d in defaults if not any(isinstance(c, type(d)) for c in extra)]
     trainer = L.Trainer(
         default_root_dir=str(stage_dir),
         max_steps=max_steps,
@@ -72,7 +83,7 @@ def make_trainer(
         num_sanity_val_steps=0,
         strategy=make_strategy(strategy),
         logger=make_logger(logger, stage_dir, run_name),
-        callbacks=[checkpoint, *(extra_callbacks or [])],
+        callbacks=[checkpoint, *extra],
         # DeepSpeed writes its own sharded checkpoints; every other strategy goes through the atomic writer.
         plugins=[] if str(strategy.get("name", "")).startswith("deepspeed") else [AtomicCheckpointIO()],
         **args,

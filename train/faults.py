@@ -1,0 +1,163 @@
+"""Failures a long run can meet, as exceptions with one-line messages, and the non-finite loss policy.
+
+`python -m train` turns every `FaultError` into its one-line message and its exit code (docs/reliability.md):
+3 for a non-finite loss that stopped a stage, 4 for checkpoint trouble (a failed write, an unreadable or
+incompatible checkpoint), 128 + the signal number for a stop on SIGTERM / SIGUSR1 after the checkpoint.
+
+`NonFiniteLossGuard` (a Lightning callback that `train.trainer.make_trainer` always adds) watches the loss
+before backward and the gradients before the optimizer step. A NaN / inf in either drops that update: the
+gradients are cleared so AdamW leaves weights and moments untouched (like fp16 loss scaling, the step counter
+and the LR schedule still advance). Under DeepSpeed the engine discards steps with non-finite gradients itself
+(ZeRO-1/2 bf16 `check_grad_overflow`, ZeRO-3 invalid grad norm, fp16 loss scaling); the guard only counts them.
+Policy `faults.nonfinite_loss`: "skip" drops up to `faults.max_skips` updates per stage, "stop" none; past that
+the stage writes `last.ckpt` (the weights before the bad update) and raises `NonFiniteLossError`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+log = logging.getLogger(__name__)
+
+NONFINITE_POLICIES = ("skip", "stop")
+
+
+class FaultError(RuntimeError):
+    """A failure with a one-line message for the user; `exit_code` is what `python -m train` exits with."""
+
+    exit_code = 1
+
+
+class NonFiniteLossError(FaultError):
+    exit_code = 3
+
+
+class CheckpointError(FaultError):
+    """A checkpoint could not be written, read, or resumed in this setting."""
+
+    exit_code = 4
+
+
+class Preempted(FaultError):
+    """Stopped on a signal after writing the checkpoint of the current step."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
+
+    @property
+    def exit_code(self) -> int:  # what a shell reports for a process ended by that signal
+        return 128 + self.signum
+
+
+def last_checkpoint_path(trainer: L.Trainer) -> Path:
+    """Where the pipeline resumes from: `<ModelCheckpoint dirpath>/last.ckpt`."""
+    callback = trainer.checkpoint_callback
+    folder = getattr(callback, "dirpath", None) or Path(trainer.default_root_dir) / "checkpoints"
+    return Path(folder) / "last.ckpt"
+
+
+def save_last(trainer: L.Trainer) -> Path:
+    """Write `last.ckpt` now (every rank calls it: sharded strategies write their part)."""
+    path = last_checkpoint_path(trainer)
+    trainer.save_checkpoint(str(path))
+    return path
+
+
+def stage_name(trainer: L.Trainer) -> str:
+    """The stage folder's name (ild, kd, ...), for messages."""
+    return Path(trainer.default_root_dir).name
+
+
+def _any_rank(trainer: L.Trainer, flag: bool) -> bool:
+    """True on every rank when it is true on any (one collective; none on a single process)."""
+    if trainer.world_size <= 1:
+        return flag
+    return bool(trainer.strategy.reduce_boolean_decision(flag, all=False))
+
+
+def _uses_deepspeed(trainer: L.Trainer) -> bool:
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    return isinstance(trainer.strategy, DeepSpeedStrategy)
+
+
+class NonFiniteLossGuard(L.Callback):
+    """Drop optimizer updates whose loss or gradients are not finite; stop after `max_skips` (see module doc)."""
+
+    def __init__(self, nonfinite_loss: str = "skip", max_skips: int = 10):
+        if nonfinite_loss not in NONFINITE_POLICIES:
+            raise ValueError(f"faults.nonfinite_loss={nonfinite_loss!r} is invalid; allowed: skip | stop")
+        self.policy = nonfinite_loss
+        self.max_skips = max_skips if nonfinite_loss == "skip" else 0
+        self.skipped = 0  # updates dropped in this stage (kept in checkpoints)
+        self._bad_loss: float | None = None  # first non-finite loss since the last optimizer step
+        self._dropped = False  # the current step's update was dropped
+
+    def on_before_backward(self, trainer, pl_module, loss: torch.Tensor) -> None:
+        if self._bad_loss is None and not bool(torch.isfinite(loss.detach()).all()):
+            self._bad_loss = float(loss.detach().float().reshape(-1)[0])
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        bad = self._bad_loss is not None
+        # Gradients are checked where they are plain, unscaled tensors: not under a GradScaler (its inf checks
+        # drive the loss scale) nor DeepSpeed (gradients live in the engine's partitions).
+        if not bad and not _uses_deepspeed(trainer) and getattr(trainer.precision_plugin, "scaler", None) is None:
+            bad = not _finite([p.grad for p in pl_module.parameters() if p.grad is not None])
+        self._dropped = _any_rank(trainer, bad)
+        if self._dropped and not _uses_deepspeed(trainer):
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    p.grad = None  # AdamW skips parameters without a gradient: no update, moments untouched
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if not self._dropped:
+            self._bad_loss = None
+            return
+        self._dropped = False
+        what = "loss" if self._bad_loss is not None else "gradient"
+        value = f" ({self._bad_loss})" if self._bad_loss is not None and not math.isfinite(self._bad_loss) else ""
+        self._bad_loss = None
+        self.skipped += 1
+        stage, step = stage_name(trainer), trainer.global_step
+        if self.skipped <= self.max_skips:
+            log.warning(
+                "%s: non-finite %s%s at step %d: update dropped (%d of faults.max_skips=%d)",
+                stage,
+                what,
+                value,
+                step,
+                self.skipped,
+                self.max_skips,
+            )
+            pl_module.log("train/nonfinite_skips", float(self.skipped), on_step=True, reduce_fx="max")
+            return
+        path = save_last(trainer)
+        rule = (
+            "faults.nonfinite_loss=stop"
+            if self.policy == "stop"
+            else f"more than faults.max_skips={self.max_skips} dropped updates"
+        )
+        raise NonFiniteLossError(
+            f"{stage}: non-finite {what}{value} at step {step}; stopped ({rule}). Checkpoint without that update: "
+            f"{path}. Rerun the same command to resume after that batch; if it keeps happening, lower the learning "
+            "rate or check the data"
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"skipped": self.skipped}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.skipped = int(state_dict.get("skipped", 0))
+
+
+def _finite(tensors: list[torch.Tensor]) -> bool:
+    if not tensors:
+        return True
+    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())

@@ -1,0 +1,94 @@
+"""Preemption: SIGTERM (scancel, the end of a SLURM time limit, a reclaimed spot node) or SIGUSR1 (SLURM's
+`--signal=USR1@<seconds>` warning) during a training stage ends it at the end of the current step, after writing
+that step's `last.ckpt`, with `Preempted` (exit code 128 + the signal number). Rerunning the same command resumes
+from it and reaches the same weights as an uninterrupted run.
+
+The handler only records the signal; the step in progress finishes (forward, backward, optimizer step), then every
+rank agrees (one collective) and saves together, which sharded strategies need. Installed at `on_fit_start`, so
+DataLoader workers forked afterwards inherit it and survive a signal sent to the whole process group (SLURM
+signals every process of the step); re-installed at `on_train_start` over Lightning's own SIGTERM handler, whose
+SIGTERMException would end the run without a checkpoint. Outside `fit` the previous handlers are back.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+from typing import Any
+
+import lightning as L
+
+from .faults import Preempted, _any_rank, save_last, stage_name
+
+log = logging.getLogger(__name__)
+
+SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class PreemptionCheckpoint(L.Callback):
+    def __init__(self) -> None:
+        self.received: int | None = None  # the first signal number seen in this fit
+        self._previous: dict[int, Any] = {}
+        self._pid: int | None = None
+        self._active = False
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        if os.getpid() != self._pid:
+            return  # a forked DataLoader worker: the main process decides when everything stops
+        if not self._active:  # after fit: behave as before it
+            previous = self._previous.get(signum, signal.SIG_DFL)
+            if callable(previous):
+                previous(signum, frame)
+            elif previous == signal.SIG_DFL:
+                signal.signal(signum, signal.SIG_DFL)
+                os.kill(os.getpid(), signum)
+            return
+        if self.received is None:
+            self.received = signum  # no logging here: a handler may interrupt code that holds the logging lock
+
+    def _install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for signum in SIGNALS:
+            current = signal.getsignal(signum)
+            if current != self._handler:
+                self._previous.setdefault(signum, current)
+            signal.signal(signum, self._handler)
+
+    def _restore(self) -> None:
+        self._active = False
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for signum, previous in self._previous.items():
+            if signal.getsignal(signum) == self._handler and previous is not None:
+                signal.signal(signum, previous)
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._pid, self._active, self.received = os.getpid(), True, None
+        self._install()
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._install()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if not _any_rank(trainer, self.received is not None):
+            return
+        signum = self.received or signal.SIGTERM  # another rank got it
+        name = signal.Signals(signum).name
+        log.warning(
+            "%s: %s received, writing the checkpoint of step %d", stage_name(trainer), name, trainer.global_step
+        )
+        path = save_last(trainer)
+        raise Preempted(
+            f"{stage_name(trainer)}: stopped by {name} after step {trainer.global_step}; checkpoint {path}. "
+            "Rerun the same command to resume",
+            signum,
+        )
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._restore()
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._restore()
