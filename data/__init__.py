@@ -3,27 +3,29 @@
 Public entry points: `DataConfig`/`SourceConfig` (data.config), `DistillDataModule` (data.datamodule),
 the batch helpers in data.batch, and the embedded corpus in data.corpus. See data/batch.py for the
 batch layout and label convention.
+
+The batch helpers import torch, so they load on first use: reading the config (`python -m train` checks it
+before anything heavy loads) stays fast.
 """
 
-from data.batch import (
-    IGNORE_INDEX,
-    collate_rows,
-    cu_seqlens,
-    packed_causal_mask,
-    seq_idx,
-    shift_labels,
-    teacher_inputs,
-)
 from data.config import DataConfig, SourceConfig
 
-__all__ = [
+_BATCH = (
     "IGNORE_INDEX",
-    "DataConfig",
-    "SourceConfig",
     "collate_rows",
     "cu_seqlens",
     "packed_causal_mask",
     "seq_idx",
     "shift_labels",
     "teacher_inputs",
-]
+)
+
+__all__ = ["DataConfig", "SourceConfig", *_BATCH]
+
+
+def __getattr__(name: str):
+    if name in _BATCH:
+        from data import batch
+
+        return getattr(batch, name)
+    raise AttributeError(f"module 'data' has no attribute {name!r}")

@@ -129,9 +129,10 @@ class DistillDataModule(L.LightningDataModule):
         self.setup()
         data = self.phases[phase]
         if len(data.rows) == 0:
+            total = sum(p.num_docs for p in self.phases.values())
             raise DataSourceError(
                 f"data: phase {phase!r} has no documents (ild_fraction={self.cfg.ild_fraction}, "
-                f"eval_fraction={self.cfg.eval_fraction})"
+                f"eval_fraction={self.cfg.eval_fraction}, {total} documents in all); add data or change the fractions"
             )
         self._apply_loaded_state()
         rank, world = self._dist()

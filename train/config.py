@@ -495,9 +495,12 @@ def _check_known_keys(node: Any, path: str = "") -> None:
         for key in node.keys():
             child = node._get_node(key)
             if known is not None and key not in known:
-                raise ConfigError(
-                    f"{path}{key}={child._value()!r} is not a config key; allowed here: {', '.join(sorted(known))}"
-                )
+                import difflib
+
+                close = difflib.get_close_matches(str(key), sorted(known), n=1)
+                hint = f" (did you mean {path}{close[0]}?)" if close else ""
+                allowed = ", ".join(sorted(known))
+                raise ConfigError(f"{path}{key}={child._value()!r} is not a config key{hint}; allowed here: {allowed}")
             children.append((f"{path}{key}.", child))
     for child_path, child in children:
         if isinstance(child, (DictConfig, ListConfig)) and not child._is_none() and not child._is_missing():

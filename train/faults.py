@@ -66,7 +66,7 @@ def last_checkpoint_path(trainer: L.Trainer) -> Path:
 def save_last(trainer: L.Trainer) -> Path:
     """Write `last.ckpt` now (every rank calls it: sharded strategies write their part)."""
     path = last_checkpoint_path(trainer)
-    trainer.save_checkpoint(str(path))
+    trainer.save_checkpoint(str(path), weights_only=False)  # the full state: model, optimizer, loops, data
     return path
 
 

@@ -1,0 +1,175 @@
+"""Mistakes a user makes on the command line, in the teacher or in the data, through the real `python -m train`:
+each ends within seconds with exit code 2 and one line on stderr naming the key (or file), the bad value and what
+is allowed; no traceback unless HYDRA_FULL_ERROR=1. Cases run two at a time (startup dominates)."""
+
+from __future__ import annotations
+
+import json
+import re
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import GPT2Config, LlamaConfig, LlamaForCausalLM
+
+from .conftest import cli
+
+# (overrides, substrings of the one error line)
+CONFIG_CASES = {
+    "unknown key": (
+        ["student.mla.kv_lora_rnk=3"],
+        ["student.mla.kv_lora_rnk=3", "did you mean student.mla.kv_lora_rank"],
+    ),
+    "unknown top-level key": (["epochs=3"], ["epochs=3 is not a config key", "stages"]),
+    "unknown key added with +": (["+ild.lr_max=1"], ["ild.lr_max=1 is not a config key", "lr"]),
+    "wrong type": (["ild.max_steps=abc"], ["ild.max_steps=abc", "Integer"]),
+    "override syntax": (["student.mla_layers=[0,"], ["student.mla_layers=[0,", "key=[a,b]"]),
+    "MLA layer index out of range": (["student.mla_layers=[0,9]"], ["student.mla_layers", "[9]", "0..3"]),
+    "rank above the teacher's": (["student.mla.kv_lora_rank=97"], ["student.mla.kv_lora_rank=97", "1..96"]),
+    "rope dims that do not fit": (["student.mla.qk_rope_head_dim=8"], ["qk_rope_head_dim", "head_dim 32"]),
+    "unknown preset": (["conf=tiniest"], ["conf='tiniest'", "tiny", "zebra_1b"]),
+    "unknown stage": (["stages=[init,distill]"], ["'distill'", "init, ild, select, kd, dpo, eval, export"]),
+    "stages out of order": (["stages=[init,kd,ild]"], ["'ild' after 'kd'", "init, ild, select, kd, dpo, eval, export"]),
+    "fault policy": (["faults.nonfinite_loss=ignore"], ["faults.nonfinite_loss='ignore'", "skip | stop"]),
+}
+
+
+def _folder(name: str) -> str:
+    return re.sub(r"\W+", "_", name)
+
+
+def _run_all(cases: dict[str, tuple[list[str], list[str]]], out: Path) -> dict:
+    def one(item):
+        name, (overrides, _) = item
+        return name, cli(*overrides, f"output_dir={out / _folder(name)}", timeout=120)
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        return dict(pool.map(one, cases.items()))
+
+
+def _check(results: dict, cases: dict, max_seconds: float | None = None) -> None:
+    for name, result in results.items():
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        assert result.returncode == 2, (name, result.returncode, result.stderr[-2000:])
+        assert lines, name
+        message = lines[-1]
+        assert "Traceback" not in result.stderr, (name, result.stderr[-2000:])
+        for text in cases[name][1]:
+            assert text in message, (name, message)
+        print(f"{name}: {message}")
+
+
+def test_config_mistakes_end_in_one_line(tmp_path):
+    results = _run_all(CONFIG_CASES, tmp_path)
+    _check(results, CONFIG_CASES)
+    assert not any((tmp_path / _folder(name) / "init").exists() for name in CONFIG_CASES)  # no stage started
+
+
+def test_full_traceback_on_request(tmp_path):
+    result = cli("stages=[init,kd,ild]", f"output_dir={tmp_path}", env={"HYDRA_FULL_ERROR": "1"}, timeout=120)
+    assert result.returncode != 0 and "Traceback" in result.stderr and "ConfigError" in result.stderr
+
+
+@pytest.fixture(scope="module")
+def teachers(tmp_path_factory) -> dict[str, Path]:
+    """Broken and odd teacher directories (tiny shapes, random weights)."""
+    root = tmp_path_factory.mktemp("teachers")
+    shape = dict(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        architectures=["LlamaForCausalLM"],
+    )
+    dirs = {name: root / name for name in ("not_a_model", "gpt2", "damaged", "short_context")}
+    dirs["not_a_model"].mkdir()
+    (dirs["not_a_model"] / "README.md").write_text("my notes")
+    GPT2Config(n_layer=2, n_embd=64, n_head=2, architectures=["GPT2LMHeadModel"]).save_pretrained(dirs["gpt2"])
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(**shape)).save_pretrained(dirs["damaged"])
+    weights = dirs["damaged"] / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # a copy that stopped halfway
+    LlamaConfig(**shape, max_position_embeddings=64).save_pretrained(dirs["short_context"])
+    return dirs
+
+
+def test_teacher_mistakes_end_in_one_line(tmp_path, teachers):
+    cases = {
+        "missing path": (["teacher.name_or_path=/no/such/teacher"], ["'/no/such/teacher'", "local directory"]),
+        # a relative path that does not exist looks like a Hub id: offline, it is named with the Hub's answer
+        "missing relative path": (["teacher.name_or_path=checkpoints/my-teacher"], ["checkpoints/my-teacher", "Hub"]),
+        "not a model": ([f"teacher.name_or_path={teachers['not_a_model']}"], ["not_a_model", "config.json"]),
+        "unsupported architecture": (
+            [f"teacher.name_or_path={teachers['gpt2']}"],
+            ["GPT2LMHeadModel", "not supported", "LlamaForCausalLM", "Qwen2ForCausalLM"],
+        ),
+        "damaged safetensors": ([f"teacher.name_or_path={teachers['damaged']}"], ["model.safetensors", "damaged"]),
+        "sequence longer than the teacher's positions": (
+            [f"teacher.name_or_path={teachers['short_context']}", "data.seq_len=128"],
+            ["data.seq_len=128", "max_position_embeddings 64"],
+        ),
+    }
+    _check(_run_all(cases, tmp_path), cases)
+
+
+def test_damaged_teacher_weights_fail_clearly_when_loading(teachers):
+    """The same damage found by the loader itself (validation skipped), one line naming the file."""
+    from models.teacher import TeacherLoadError, load_teacher
+
+    with pytest.raises(TeacherLoadError, match="model.safetensors is damaged"):
+        load_teacher(str(teachers["damaged"]))
+
+
+@pytest.fixture(scope="module")
+def data_files(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("data")
+    files = {
+        "missing column": ("rows.jsonl", b'{"content": "hello world"}\n'),
+        "empty file": ("empty.jsonl", b""),
+        "nothing left after filtering": ("blank.jsonl", b'{"text": ""}\n{"text": "   "}\n{"text": "\\n"}\n'),
+        "undecodable bytes": ("notes.txt", b"a good line\nthen \xff\xfe garbage\n"),
+    }
+    out = {}
+    for name, (file, content) in files.items():
+        (root / file).write_bytes(content)
+        out[name] = root / file
+    return out
+
+
+def test_data_mistakes_end_in_one_line(tmp_path, data_files, teacher_cache):
+    def source(path: Path, **extra) -> str:
+        fields = ",".join([f"name_or_path:'{path}'", *(f"{k}:{v}" for k, v in extra.items())])
+        return f"data.sources=[{{{fields}}}]"
+
+    teacher = [f"teacher.tiny.cache_dir={teacher_cache}", "teacher.tiny.train_steps=10"]
+    cases = {
+        "missing column": (
+            [source(data_files["missing column"])],
+            ["rows.jsonl", "no 'text' or 'messages' column", "content"],
+        ),
+        "empty file": ([source(data_files["empty file"])], ["empty.jsonl is empty"]),
+        "nothing left after filtering": (
+            [source(data_files["nothing left after filtering"])],
+            ["blank.jsonl", "no documents left after filtering", "3 rows"],
+        ),
+        "undecodable bytes": ([source(data_files["undecodable bytes"])], ["notes.txt", "line 2", "not valid UTF-8"]),
+    }
+    cases = {name: (overrides + teacher, expected) for name, (overrides, expected) in cases.items()}
+    _check(_run_all(cases, tmp_path), cases)
+
+
+def test_unreadable_data_config_in_a_saved_run_is_named(tmp_path):
+    """A saved `.hydra/config.yaml` edited by hand still validates through the same checks (one line)."""
+    from omegaconf import OmegaConf
+
+    from train.config import ConfigError, compose_config, validate_config
+
+    plain = OmegaConf.create(OmegaConf.to_container(compose_config([]), resolve=True))
+    plain.data.seq_len = "long"
+    with pytest.raises(ConfigError) as info:
+        validate_config(plain)
+    assert "data.seq_len" in str(info.value) and "\n" not in str(info.value)
+    json.dumps(str(info.value))
