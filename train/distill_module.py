@@ -23,6 +23,7 @@ class DistillModule(L.LightningModule):
 
     def on_fit_start(self) -> None:
         self.teacher.to(self.device)
+        self.train()  # students come from from_pretrained in eval mode; the frozen model is not a submodule
 
     def on_validation_start(self) -> None:
         self.teacher.to(self.device)

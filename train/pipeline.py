@@ -102,12 +102,15 @@ def run(cfg: DictConfig, callbacks: dict[str, list] | None = None) -> dict:
     report = json.loads(report_path.read_text()) if report_path.exists() else {"stage_seconds": {}}
     report.update({"teacher": teacher_path, "output_dir": str(out)})
     ctx = Context(cfg, out, teacher, spec, teacher_path, tokenizer, data_cfg, report, callbacks or {})
-    for stage in stages:
+    for index, stage in enumerate(stages):
         done = ctx.stage_dir(stage) / "done.json"
         if done.exists():
             log.info("stage %s: finished earlier, skipped", stage)
             continue
         ctx.stage_dir(stage).mkdir(parents=True, exist_ok=True)
+        # Each stage starts from its own seed, so its result does not depend on which stages ran in this process
+        # (a cached tiny teacher, a skipped stage, a resumed run).
+        L.seed_everything(cfg.seed + index, workers=True)
         start = time.perf_counter()
         log.info("stage %s: start", stage)
         result = STAGES[stage](ctx) or {}

@@ -162,7 +162,8 @@ def test_hub_teachers_are_not_fetched(monkeypatch):
         (["stages=[]"], ["stages=[]"]),
         (["stages=[init,select,kd]"], ["'select' needs 'ild'"]),
         (["stages=[init,ild,select,kd]", "ild.candidates=assigned"], ["ild.candidates='assigned'"]),
-        (["stages=[init,ild,kd,dpo]"], ["dpo.sources=[]"]),
+        # The tiny teacher has embedded preference pairs; any other teacher needs dpo.sources.
+        (["stages=[init,ild,kd,dpo]", "teacher.name_or_path=meta-llama/Llama-3.2-1B-Instruct"], ["dpo.sources=[]"]),
         # values
         (["kd.divergence=kl"], ["kd.divergence='kl'", "forward_kl | reverse_kl | jsd"]),
         (["ild.loss=l1"], ["ild.loss='l1'", "mse | l2"]),
