@@ -12,6 +12,7 @@ import functools
 import json
 import logging
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -196,9 +197,7 @@ def _save_student(student: HybridForCausalLM, path: Path, tokenizer: PreTrainedT
     model = student if dtype is None else student.to(dtype)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    if path.exists():
-        import shutil
-
+    if path.exists():  # a rerun of a stage that crashed after saving: replace, never merge
         shutil.rmtree(path)
     os.replace(tmp, path)
 
