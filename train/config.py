@@ -571,7 +571,7 @@ def _teacher_spec(teacher: TeacherConfig, vocab_size: int = 1024, fetch: bool = 
             check_weight_files(str(path), required=False)
             return spec
         except (OSError, ValueError) as e:
-            message = _one_line(e)
+            message = _remote_code_message(e, name) or _one_line(e)
             raise ConfigError(
                 message if message.startswith("teacher.") else f"teacher.name_or_path={name!r}: {message}"
             ) from e
@@ -582,10 +582,22 @@ def _teacher_spec(teacher: TeacherConfig, vocab_size: int = 1024, fetch: bool = 
     try:
         return describe_teacher(load_teacher_config(name, teacher.trust_remote_code))
     except (OSError, ValueError) as e:
+        if (message := _remote_code_message(e, name)) is not None:
+            raise ConfigError(message) from e
         raise ConfigError(
             f"teacher.name_or_path={name!r} is not a local directory and its config could not be read from the "
             f"Hub: {_one_line(e)}"
         ) from e
+
+
+def _remote_code_message(error: BaseException, name: str) -> str | None:
+    """transformers refuses a teacher whose code ships with it unless trust_remote_code; say which key allows it."""
+    if "trust_remote_code" not in str(error):
+        return None
+    return (
+        f"teacher.name_or_path={name!r} needs its own Python code (auto_map), which runs only with "
+        "teacher.trust_remote_code=true: read that code first; supported families load without it"
+    )
 
 
 def is_hub_id(name: str) -> bool:

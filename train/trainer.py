@@ -25,13 +25,13 @@ def make_strategy(strategy: dict) -> Any:
     settings = {k: v for k, v in strategy.items() if k != "name"}
     if name == "auto":
         return name
-    if name == "ddp":
+    if name in ("ddp", "ddp_spawn"):  # ddp_spawn: processes started by torch.multiprocessing (tests, notebooks)
         from lightning.pytorch.strategies import DDPStrategy
 
-        return DDPStrategy(**settings)
+        return DDPStrategy(start_method="spawn" if name == "ddp_spawn" else "popen", **settings)
     if name.startswith("deepspeed"):
         return checked_deepspeed_strategy(**settings)
-    raise ValueError(f"strategy.name={name!r} is invalid: auto, ddp or deepspeed_*")
+    raise ValueError(f"strategy.name={name!r} is invalid: auto, ddp, ddp_spawn or deepspeed_*")
 
 
 def make_logger(logger: dict, stage_dir: Path, run_name: str) -> Any:

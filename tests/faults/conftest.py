@@ -66,3 +66,20 @@ def last_line(result: subprocess.CompletedProcess) -> str:
 @pytest.fixture(scope="session")
 def teacher_cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("tiny_teacher")
+
+
+# Fake credentials: no output of a run may contain them (tests/faults/test_security.py).
+SECRETS = {"WANDB_API_KEY": "wandb0secret0key0" + "7" * 23, "HF_TOKEN": "hf_SecretTokenForTests0123456789"}
+
+
+@pytest.fixture(scope="session")
+def reference(tmp_path_factory, teacher_cache) -> tuple[Path, subprocess.CompletedProcess]:
+    """One uninterrupted run (init, ild, kd) through the CLI, with credentials in its environment and the W&B
+    logger (offline): the weights interrupted runs must reach, and the outputs secrets must stay out of."""
+    out = tmp_path_factory.mktemp("reference") / "run"
+    result = cli(
+        *small(out, teacher_cache, "stages=[init,ild,kd]", "logger=wandb", "logger.offline=true"),
+        env={**SECRETS, "WANDB_MODE": "offline"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out, result
