@@ -8,6 +8,9 @@ rank agrees (one collective) and saves together, which sharded strategies need. 
 DataLoader workers forked afterwards inherit it and survive a signal sent to the whole process group (SLURM
 signals every process of the step); re-installed at `on_train_start` over Lightning's own SIGTERM handler, whose
 SIGTERMException would end the run without a checkpoint. Outside `fit` the previous handlers are back.
+
+The callback also writes `last.ckpt` when training ends between two periodic checkpoints, so a stage stopped later
+(during its validation or while saving students) repeats no training steps.
 """
 
 from __future__ import annotations
@@ -86,6 +89,15 @@ class PreemptionCheckpoint(L.Callback):
             "Rerun the same command to resume",
             signum,
         )
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """The final step's state on disk before the stage's post-training work (validation, saving students), so a
+        preemption there repeats no training. Lightning's ModelCheckpoint writes last.ckpt at the end only when it
+        wrote nothing during this fit, and otherwise only every `checkpoint_every_n_steps`."""
+        callback = trainer.checkpoint_callback
+        wrote_during_fit = bool(getattr(callback, "_last_checkpoint_saved", ""))
+        if wrote_during_fit and getattr(callback, "_last_global_step_saved", -1) != trainer.global_step:
+            save_last(trainer)
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         self._restore()

@@ -126,7 +126,8 @@ class Snapshots(L.Callback):
 
 
 def test_nonfinite_loss_is_skipped_by_default(tmp_path, teacher_cache):
-    cfg = compose_config(small(tmp_path, teacher_cache, "stages=[init,ild]", "trainer.log_every_n_steps=1"))
+    overrides = ["stages=[init,ild]", "trainer.log_every_n_steps=1", "ild.max_steps=5"]
+    cfg = compose_config(small(tmp_path, teacher_cache, *overrides))
     validate_config(cfg)
     snapshots = Snapshots()
     run(cfg, callbacks={"ild": [NanAt([2]), snapshots]})  # faults.nonfinite_loss=skip, max_skips=10
@@ -137,6 +138,8 @@ def test_nonfinite_loss_is_skipped_by_default(tmp_path, teacher_cache):
     assert all(torch.isfinite(p).all() for p in student.parameters())
     metrics = (tmp_path / "ild" / "logs" / "metrics.csv").read_text()
     assert "train/nonfinite_skips" in metrics
+    # The end of training is on disk even between periodic checkpoints (every 2 steps here).
+    assert _step(tmp_path / "ild" / "checkpoints" / "last.ckpt") == 5
 
 
 def test_nonfinite_loss_stop_policy_saves_a_checkpoint_and_says_so(tmp_path, teacher_cache):
