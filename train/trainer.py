@@ -69,6 +69,9 @@ def make_trainer(
         save_last=True,
         save_top_k=1,
         monitor=None,
+        # Overwrite, never version: a resumed stage must keep writing last.ckpt (the file it resumes from), even
+        # when last.ckpt came from a save outside ModelCheckpoint (preemption, non-finite stop) or an earlier process.
+        enable_version_counter=False,
     )
     args = {k: v for k, v in trainer_cfg.items() if k not in ("gradient_checkpointing",)}
     extra = list(extra_callbacks or [])
