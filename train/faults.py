@@ -82,6 +82,16 @@ def _any_rank(trainer: L.Trainer, flag: bool) -> bool:
     return bool(trainer.strategy.reduce_boolean_decision(flag, all=False))
 
 
+def update_done(trainer: L.Trainer) -> bool:
+    """After an optimizer step hook: did the optimizer really update (not a micro-batch of gradient accumulation)?
+    Lightning calls the hooks only at accumulation boundaries, except under DeepSpeed, which accumulates inside its
+    engine and is asked to step on every micro-batch."""
+    engine = getattr(trainer.strategy, "deepspeed_engine", None) if _uses_deepspeed(trainer) else None
+    if engine is None:
+        return True
+    return engine.micro_steps % engine.gradient_accumulation_steps() == 0
+
+
 def _uses_deepspeed(trainer: L.Trainer) -> bool:
     from lightning.pytorch.strategies import DeepSpeedStrategy
 
@@ -98,7 +108,8 @@ class NonFiniteLossGuard(L.Callback):
         self.max_skips = max_skips if nonfinite_loss == "skip" else 0
         self.skipped = 0  # updates dropped in this stage (kept in checkpoints)
         self._bad_loss: float | None = None  # first non-finite loss since the last optimizer step
-        self._dropped = False  # the current step's update was dropped
+        self._stepped = False  # an optimizer step ended this batch (not one accumulating gradients)
+        self._dropped = False  # ... and its update was dropped
 
     def on_before_backward(self, trainer, pl_module, loss: torch.Tensor) -> None:
         if self._bad_loss is None and not bool(torch.isfinite(loss.detach()).all()):
@@ -110,20 +121,21 @@ class NonFiniteLossGuard(L.Callback):
         # drive the loss scale) nor DeepSpeed (gradients live in the engine's partitions).
         if not bad and not _uses_deepspeed(trainer) and getattr(trainer.precision_plugin, "scaler", None) is None:
             bad = not _finite([p.grad for p in pl_module.parameters() if p.grad is not None])
-        self._dropped = _any_rank(trainer, bad)
+        self._stepped, self._dropped = True, _any_rank(trainer, bad)
         if self._dropped and not _uses_deepspeed(trainer):
             for group in optimizer.param_groups:
                 for p in group["params"]:
                     p.grad = None  # AdamW skips parameters without a gradient: no update, moments untouched
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if not self._dropped:
-            self._bad_loss = None
+        if not self._stepped or not update_done(trainer):
+            return  # accumulating gradients: the decision comes with the optimizer step
+        bad_loss, dropped = self._bad_loss, self._dropped
+        self._bad_loss, self._stepped, self._dropped = None, False, False
+        if not dropped:
             return
-        self._dropped = False
-        what = "loss" if self._bad_loss is not None else "gradient"
-        value = f" ({self._bad_loss})" if self._bad_loss is not None and not math.isfinite(self._bad_loss) else ""
-        self._bad_loss = None
+        what = "loss" if bad_loss is not None else "gradient"
+        value = f" ({bad_loss})" if bad_loss is not None and not math.isfinite(bad_loss) else ""
         self.skipped += 1
         stage, step = stage_name(trainer), trainer.global_step
         if self.skipped <= self.max_skips:

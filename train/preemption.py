@@ -3,8 +3,9 @@
 that step's `last.ckpt`, with `Preempted` (exit code 128 + the signal number). Rerunning the same command resumes
 from it and reaches the same weights as an uninterrupted run.
 
-The handler only records the signal; the step in progress finishes (forward, backward, optimizer step), then every
-rank agrees (one collective) and saves together, which sharded strategies need. Installed at `on_fit_start`, so
+The handler only records the signal; the step in progress finishes (forward, backward, optimizer step; with gradient
+accumulation, the whole accumulated step), then every rank agrees (one collective) and saves together, which
+sharded strategies need. Installed at `on_fit_start`, so
 DataLoader workers forked afterwards inherit it and survive a signal sent to the whole process group (SLURM
 signals every process of the step); re-installed at `on_train_start` over Lightning's own SIGTERM handler, whose
 SIGTERMException would end the run without a checkpoint. Outside `fit` the previous handlers are back.
@@ -23,7 +24,7 @@ from typing import Any
 
 import lightning as L
 
-from .faults import Preempted, _any_rank, save_last, stage_name
+from .faults import Preempted, _any_rank, save_last, stage_name, update_done
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,7 @@ class PreemptionCheckpoint(L.Callback):
         self._previous: dict[int, Any] = {}
         self._pid: int | None = None
         self._active = False
+        self._stepped = False
 
     def _handler(self, signum: int, frame: Any) -> None:
         if os.getpid() != self._pid:
@@ -75,7 +77,13 @@ class PreemptionCheckpoint(L.Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._install()
 
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
+        self._stepped = True
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if not self._stepped or not update_done(trainer):
+            return  # accumulating gradients: they are not in checkpoints, so stop only after the optimizer step
+        self._stepped = False
         if not _any_rank(trainer, self.received is not None):
             return
         signum = self.received or signal.SIGTERM  # another rank got it

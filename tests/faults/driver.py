@@ -1,5 +1,5 @@
-"""`python -m tests.faults.driver '<json fault>' [overrides...]`: the real `python -m train` (run through runpy, as
-`-m` does) with one fault injected into the trainer of one stage, for tests that need a fault at an exact moment.
+"""`python -m tests.faults.driver '<json fault or list>' [overrides...]`: the real `python -m train` (run through
+runpy, as `-m` does) with faults injected into the trainer of a stage, for tests that need a fault at an exact moment.
 
 Faults (json): {"kind": "signal", "stage", "step", "signal"}: the process signals itself in the middle of that
 step (after forward, before backward). {"kind": "pause", "stage", "step", "marker"}: in the middle of that step,
@@ -80,22 +80,24 @@ def kill_during_write(stage: str, nth: int) -> None:
 
 
 def main() -> None:
-    fault = json.loads(sys.argv[1])
+    faults = json.loads(sys.argv[1])
+    faults = faults if isinstance(faults, list) else [faults]
     sys.argv = [sys.argv[0], *sys.argv[2:]]
-    if fault["kind"] == "kill9":
-        kill_during_write(fault["stage"], fault["nth"])
-    else:
-        import train.trainer
+    for fault in faults:
+        if fault["kind"] == "kill9":
+            kill_during_write(fault["stage"], fault["nth"])
+    import train.trainer
 
-        make_trainer = train.trainer.make_trainer
+    make_trainer = train.trainer.make_trainer
 
-        def with_fault(*args, **kwargs):
-            trainer, checkpoint = make_trainer(*args, **kwargs)
-            if Path(trainer.default_root_dir).name == fault["stage"]:
+    def with_faults(*args, **kwargs):
+        trainer, checkpoint = make_trainer(*args, **kwargs)
+        for fault in faults:
+            if fault["kind"] != "kill9" and Path(trainer.default_root_dir).name == fault["stage"]:
                 trainer.callbacks.append(Inject(fault))
-            return trainer, checkpoint
+        return trainer, checkpoint
 
-        train.trainer.make_trainer = with_fault  # before train.pipeline imports it
+    train.trainer.make_trainer = with_faults  # before train.pipeline imports it
     runpy.run_module("train", run_name="__main__", alter_sys=True)
 
 

@@ -274,3 +274,39 @@ def test_ddp_faults_then_resume_at_another_world_size(tmp_path, teacher_cache):
     state = torch.load(last, weights_only=True)
     assert state["global_step"] == 6 and state["DistillDataModule"]["phases"]["ild"]["consumed"] == 12 + 3 * micro
     assert (tmp_path / "ild" / "done.json").exists()
+
+
+class AtBatch(L.Callback):
+    """NaN MLP outputs in micro-batch `nan`, SIGUSR1 to this process in the middle of micro-batch `signal`."""
+
+    def __init__(self, nan: int, signal_at: int):
+        self.nan, self.signal_at, self.hooks = nan, signal_at, []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if batch_idx == self.nan:
+            for name, module in pl_module.named_modules():
+                if name.endswith("mlp"):
+                    self.hooks.append(module.register_forward_hook(lambda m, i, out: out * float("nan")))
+
+    def on_before_backward(self, trainer, pl_module, loss):
+        if trainer.fit_loop.epoch_loop.batch_idx == self.signal_at:
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+    def on_train_batch_end(self, trainer, *args):
+        for hook in self.hooks:
+            hook.remove()
+        self.hooks = []
+
+
+def test_gradient_accumulation_faults_act_on_whole_steps(tmp_path, teacher_cache):
+    """With 2 micro-batches per step: a NaN in the first micro-batch of step 2 drops that step's update; SIGUSR1 in
+    the first micro-batch of step 3 stops after step 3's optimizer step (accumulated gradients are not saved)."""
+    from train.faults import Preempted
+
+    cfg = compose_config(small(tmp_path, teacher_cache, "stages=[init,ild]", "trainer.accumulate_grad_batches=2"))
+    snapshots = Snapshots()
+    with pytest.raises(Preempted, match="stopped by SIGUSR1 after step 3"):
+        run(cfg, callbacks={"ild": [AtBatch(nan=2, signal_at=4), snapshots]})
+    assert all(torch.equal(a, b) for a, b in zip(snapshots.before[1], snapshots.after[1], strict=True))
+    state = torch.load(tmp_path / "ild" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert state["global_step"] == 3 and state["DistillDataModule"]["phases"]["ild"]["consumed"] == 6 * 2
