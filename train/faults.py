@@ -107,15 +107,18 @@ class NonFiniteLossGuard(L.Callback):
         self.policy = nonfinite_loss
         self.max_skips = max_skips if nonfinite_loss == "skip" else 0
         self.skipped = 0  # updates dropped in this stage (kept in checkpoints)
-        self._bad_loss: float | None = None  # first non-finite loss since the last optimizer step
+        self._losses: list[torch.Tensor] = []  # losses since the last optimizer step (checked there: one sync)
+        self._bad_loss: float | None = None  # the first non-finite one of them
         self._stepped = False  # an optimizer step ended this batch (not one accumulating gradients)
         self._dropped = False  # ... and its update was dropped
 
     def on_before_backward(self, trainer, pl_module, loss: torch.Tensor) -> None:
-        if self._bad_loss is None and not bool(torch.isfinite(loss.detach()).all()):
-            self._bad_loss = float(loss.detach().float().reshape(-1)[0])
+        self._losses.append(loss.detach().float().reshape(-1)[:1])
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        losses = torch.cat(self._losses) if self._losses else torch.zeros(1)
+        finite = torch.isfinite(losses)
+        self._bad_loss = None if bool(finite.all()) else float(losses[~finite][0])
         bad = self._bad_loss is not None
         # Gradients are checked where they are plain, unscaled tensors: not under a GradScaler (its inf checks
         # drive the loss scale) nor DeepSpeed (gradients live in the engine's partitions).
@@ -131,7 +134,7 @@ class NonFiniteLossGuard(L.Callback):
         if not self._stepped or not update_done(trainer):
             return  # accumulating gradients: the decision comes with the optimizer step
         bad_loss, dropped = self._bad_loss, self._dropped
-        self._bad_loss, self._stepped, self._dropped = None, False, False
+        self._losses, self._bad_loss, self._stepped, self._dropped = [], None, False, False
         if not dropped:
             return
         what = "loss" if bad_loss is not None else "gradient"
