@@ -4,8 +4,8 @@
 3 for a non-finite loss that stopped a stage, 4 for checkpoint trouble (a failed write, an unreadable or
 incompatible checkpoint), 128 + the signal number for a stop on SIGTERM / SIGUSR1 after the checkpoint.
 
-`NonFiniteLossGuard` (a Lightning callback that `train.trainer.make_trainer` always adds) watches the loss
-before backward and the gradients before the optimizer step. A NaN / inf in either drops that update: the
+`NonFiniteLossGuard` (a Lightning callback that `train.trainer.make_trainer` always adds) checks the losses of an
+optimizer step and its gradients before the update (one sync per step). A NaN / inf in either drops the update: the
 gradients are cleared so AdamW leaves weights and moments untouched (like fp16 loss scaling, the step counter
 and the LR schedule still advance). Under DeepSpeed the engine discards steps with non-finite gradients itself
 (ZeRO-1/2 bf16 `check_grad_overflow`, ZeRO-3 invalid grad norm, fp16 loss scaling); the guard only counts them.
@@ -75,7 +75,7 @@ def stage_name(trainer: L.Trainer) -> str:
     return Path(trainer.default_root_dir).name
 
 
-def _any_rank(trainer: L.Trainer, flag: bool) -> bool:
+def any_rank(trainer: L.Trainer, flag: bool) -> bool:
     """True on every rank when it is true on any (one collective; none on a single process)."""
     if trainer.world_size <= 1:
         return flag
@@ -124,7 +124,7 @@ class NonFiniteLossGuard(L.Callback):
         # drive the loss scale) nor DeepSpeed (gradients live in the engine's partitions).
         if not bad and not _uses_deepspeed(trainer) and getattr(trainer.precision_plugin, "scaler", None) is None:
             bad = not _finite([p.grad for p in pl_module.parameters() if p.grad is not None])
-        self._stepped, self._dropped = True, _any_rank(trainer, bad)
+        self._stepped, self._dropped = True, any_rank(trainer, bad)
         if self._dropped and not _uses_deepspeed(trainer):
             for group in optimizer.param_groups:
                 for p in group["params"]:

@@ -4,11 +4,11 @@ that step's `last.ckpt`, with `Preempted` (exit code 128 + the signal number). R
 from it and reaches the same weights as an uninterrupted run.
 
 The handler only records the signal; the step in progress finishes (forward, backward, optimizer step; with gradient
-accumulation, the whole accumulated step), then every rank agrees (one collective) and saves together, which
-sharded strategies need. Installed at `on_fit_start`, so
-DataLoader workers forked afterwards inherit it and survive a signal sent to the whole process group (SLURM
-signals every process of the step); re-installed at `on_train_start` over Lightning's own SIGTERM handler, whose
-SIGTERMException would end the run without a checkpoint. Outside `fit` the previous handlers are back.
+accumulation, the whole accumulated step), then every rank agrees (one collective) and saves together, which sharded
+strategies need. Installed at `on_fit_start`, so DataLoader workers forked afterwards inherit it and survive a signal
+sent to the whole process group (SLURM signals every process of the step); re-installed at `on_train_start` over
+Lightning's own SIGTERM handler, whose SIGTERMException would end the run without a checkpoint. Outside `fit` the
+previous handlers are back.
 
 The callback also writes `last.ckpt` when training ends between two periodic checkpoints, so a stage stopped later
 (during its validation or while saving students) repeats no training steps.
@@ -24,7 +24,7 @@ from typing import Any
 
 import lightning as L
 
-from .faults import Preempted, _any_rank, save_last, stage_name, update_done
+from .faults import Preempted, any_rank, save_last, stage_name, update_done
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ class PreemptionCheckpoint(L.Callback):
         if not self._stepped or not update_done(trainer):
             return  # accumulating gradients: they are not in checkpoints, so stop only after the optimizer step
         self._stepped = False
-        if not _any_rank(trainer, self.received is not None):
+        if not any_rank(trainer, self.received is not None):
             return
         signum = self.received or signal.SIGTERM  # another rank got it
         name = signal.Signals(signum).name
