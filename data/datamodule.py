@@ -44,15 +44,21 @@ STATE_VERSION = 1
 
 
 def worker_init(worker_id: int) -> None:
-    """DataLoader workers ignore SIGTERM / SIGUSR1: a cluster signals the whole process group, and a worker that
-    died of it would make the main process fail mid-step instead of finishing the step and saving a checkpoint
-    (train/preemption.py). Workers still exit with the loader, or when the main process is gone."""
-    for signum in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(signum, signal.SIG_IGN)
+    """Signals for DataLoader workers. A cluster signals every process of the job (SLURM: SIGUSR1 warnings, SIGTERM at
+    the end), and a worker killed by a signal makes PyTorch raise in the main process wherever it is, mid-step, before
+    it can finish the step and write its checkpoint (train/preemption.py). So workers ignore SIGUSR1 and end quietly
+    (status 0, which PyTorch does not treat as a failure) on SIGTERM: the step in progress already holds its batch, and
+    SIGTERM is also how multiprocessing ends workers at exit, which must not wait."""
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _exit_quietly)
     if os.environ.get("PL_SEED_WORKERS") == "1":  # what Lightning adds when a loader has no worker_init_fn
         from lightning.fabric.utilities.seed import pl_worker_init_function
 
         pl_worker_init_function(worker_id)
+
+
+def _exit_quietly(signum: int, frame: Any) -> None:
+    os._exit(0)
 
 
 class DistillDataModule(L.LightningDataModule):

@@ -82,6 +82,14 @@ def any_rank(trainer: L.Trainer, flag: bool) -> bool:
     return bool(trainer.strategy.reduce_boolean_decision(flag, all=False))
 
 
+def max_over_ranks(trainer: L.Trainer, value: int) -> int:
+    """The largest `value` of all ranks, on every rank (one collective; none on a single process)."""
+    if trainer.world_size <= 1:
+        return value
+    tensor = torch.tensor(value, device=trainer.strategy.root_device)
+    return int(trainer.strategy.reduce(tensor, reduce_op="max"))
+
+
 def update_done(trainer: L.Trainer) -> bool:
     """After an optimizer step hook: did the optimizer really update (not a micro-batch of gradient accumulation)?
     Lightning calls the hooks only at accumulation boundaries, except under DeepSpeed, which accumulates inside its

@@ -24,7 +24,7 @@ from typing import Any
 
 import lightning as L
 
-from .faults import Preempted, any_rank, save_last, stage_name, update_done
+from .faults import Preempted, max_over_ranks, save_last, stage_name, update_done
 
 log = logging.getLogger(__name__)
 
@@ -84,9 +84,9 @@ class PreemptionCheckpoint(L.Callback):
         if not self._stepped or not update_done(trainer):
             return  # accumulating gradients: they are not in checkpoints, so stop only after the optimizer step
         self._stepped = False
-        if not any_rank(trainer, self.received is not None):
+        signum = max_over_ranks(trainer, self.received or 0)  # every rank stops, naming the signal one of them got
+        if not signum:
             return
-        signum = self.received or signal.SIGTERM  # another rank got it
         name = signal.Signals(signum).name
         log.warning(
             "%s: %s received, writing the checkpoint of step %d", stage_name(trainer), name, trainer.global_step
