@@ -15,26 +15,7 @@ import torch
 
 from models import HybridConfig, HybridForCausalLM
 from models.documents import documents_from_positions
-
-LLAMA_1B = dict(
-    vocab_size=128256,
-    hidden_size=2048,
-    intermediate_size=8192,
-    num_hidden_layers=2,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-    head_dim=64,
-    max_position_embeddings=131072,
-    rope_parameters={
-        "rope_type": "llama3",
-        "rope_theta": 500000.0,
-        "factor": 32.0,
-        "low_freq_factor": 1.0,
-        "high_freq_factor": 4.0,
-        "original_max_position_embeddings": 8192,
-    },
-)
-ZEBRA_MLA = dict(kv_lora_rank=128, qk_rope_head_dim=32, qk_nope_head_dim=32, v_head_dim=64)
+from models.sizes import LLAMA_3_2_1B, ZEBRA_1B_MAMBA, ZEBRA_1B_MLA
 
 
 def cuda_time(fn, warmup: int = 3, repeat: int = 10) -> float:
@@ -66,7 +47,10 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     config = HybridConfig(
-        **LLAMA_1B, mixer_types=["mla", "mamba"], mla=ZEBRA_MLA, mamba=dict(d_state=64, headdim=64, chunk_size=256)
+        **{**LLAMA_3_2_1B, "num_hidden_layers": 2},  # one MLA and one Mamba2 layer of the 1B shape
+        mixer_types=["mla", "mamba"],
+        mla=ZEBRA_1B_MLA,
+        mamba={**ZEBRA_1B_MAMBA, "chunk_size": 256},
     )
     model = HybridForCausalLM(config).to(device, dtype)
     hidden = torch.randn(args.batch, args.seq, config.hidden_size, device=device, dtype=dtype, requires_grad=True)

@@ -4,25 +4,15 @@ import pytest
 import torch
 
 from models import HybridConfig, HybridForCausalLM, student_cache_bytes, teacher_cache_bytes
+from models.sizes import LLAMA_3_2_1B, ZEBRA_1B_MAMBA, ZEBRA_1B_MLA
 
 from .tiny import tiny_model
-
-LLAMA_1B = dict(
-    vocab_size=128256,
-    hidden_size=2048,
-    intermediate_size=8192,
-    num_hidden_layers=16,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-    head_dim=64,
-)
-ZEBRA_MLA = dict(kv_lora_rank=128, qk_rope_head_dim=32, qk_nope_head_dim=32, v_head_dim=64)
 
 
 @pytest.mark.parametrize("mla_layers, percent", [([0, 5, 10, 14], 3.91), ([0, 2, 4, 6, 8, 10, 12, 14], 7.81)])
 def test_zebra_1b_cache_fraction(mla_layers, percent):
     mixers = ["mla" if i in mla_layers else "mamba" for i in range(16)]
-    config = HybridConfig(**LLAMA_1B, mixer_types=mixers, mla=ZEBRA_MLA, mamba=dict(d_state=64, headdim=64))
+    config = HybridConfig(**LLAMA_3_2_1B, mixer_types=mixers, mla=ZEBRA_1B_MLA, mamba=ZEBRA_1B_MAMBA)
     student = student_cache_bytes(config, torch.bfloat16)
     teacher = teacher_cache_bytes(16, 8, 64, torch.bfloat16)
     assert teacher.per_token == 16 * 2 * 8 * 64 * 2
@@ -53,10 +43,10 @@ def test_accounting_on_the_zebra_shape_allocates_what_it_says():
     """The real 1B-shaped cache (a short prompt through a meta-free, tiny-vocab copy of the shape)."""
     mixers = ["mla" if i in (0, 5, 10, 14) else "mamba" for i in range(16)]
     config = HybridConfig(
-        **{**LLAMA_1B, "vocab_size": 64, "intermediate_size": 64},
+        **{**LLAMA_3_2_1B, "vocab_size": 64, "intermediate_size": 64},
         mixer_types=mixers,
-        mla=ZEBRA_MLA,
-        mamba=dict(d_state=64, headdim=64),
+        mla=ZEBRA_1B_MLA,
+        mamba=ZEBRA_1B_MAMBA,
     )
     model = HybridForCausalLM(config).eval()
     cache = model.make_cache(1)

@@ -6,17 +6,11 @@ from transformers import LlamaConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from models.rope import apply_rope, rope_inv_freq
+from models.sizes import LLAMA3_ROPE
 
 VARIANTS = {
     "linear": {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0},
-    "llama3": {
-        "rope_type": "llama3",
-        "rope_theta": 500000.0,
-        "factor": 32.0,
-        "low_freq_factor": 1.0,
-        "high_freq_factor": 4.0,
-        "original_max_position_embeddings": 8192,
-    },
+    "llama3": LLAMA3_ROPE,
     "yarn": {
         "rope_type": "yarn",
         "rope_theta": 1000000.0,

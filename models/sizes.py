@@ -1,0 +1,29 @@
+"""Named model sizes (torchtitan style): HybridConfig keyword arguments for the shapes benchmarks and tests use.
+
+`LLAMA_3_2_1B` is the teacher trunk of Llama-3.2-1B (16 layers, 32 heads, 8 KV heads of 64, Llama-3 RoPE);
+`ZEBRA_1B_MLA` / `ZEBRA_1B_MAMBA` are the Zebra-Llama 1B mixer sizes (conf/conf/zebra_1b.yaml holds the preset).
+"""
+
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "rope_theta": 500000.0,
+    "factor": 32.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
+
+LLAMA_3_2_1B = dict(
+    vocab_size=128256,
+    hidden_size=2048,
+    intermediate_size=8192,
+    num_hidden_layers=16,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    head_dim=64,
+    max_position_embeddings=131072,
+    rope_parameters=LLAMA3_ROPE,
+)
+
+ZEBRA_1B_MLA = dict(kv_lora_rank=128, qk_rope_head_dim=32, qk_nope_head_dim=32, v_head_dim=64)
+ZEBRA_1B_MAMBA = dict(d_state=64, headdim=64)
