@@ -99,14 +99,6 @@ def _user_errors() -> dict[type, int]:
     }
 
 
-def _fault_callbacks(cfg: DictConfig) -> dict[str, list]:
-    """The `faults` settings as a NonFiniteLossGuard per stage (make_trainer uses it instead of its default)."""
-    from train.faults import NonFiniteLossGuard
-
-    settings = OmegaConf.to_container(cfg.faults, resolve=True)
-    return {stage: [NonFiniteLossGuard(**settings)] for stage in cfg.stages}
-
-
 @hydra.main(config_path="../conf", config_name="train", version_base=None)
 def main(cfg: DictConfig) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -125,7 +117,7 @@ def main(cfg: DictConfig) -> None:
     log.info("resolved config:\n%s", OmegaConf.to_yaml(cfg, resolve=True))
     errors = tuple(_user_errors().items())
     try:
-        run(cfg, callbacks=_fault_callbacks(cfg))
+        run(cfg)
     except SIGTERMException:  # Lightning's own SIGTERM exit (a SystemExit with status 0): the run did not finish
         _exit("stopped by SIGTERM; rerun the same command to resume from the last checkpoint", 128 + signal.SIGTERM)
     except Exception as error:

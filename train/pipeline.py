@@ -35,6 +35,7 @@ from models.teacher import TeacherSpec, load_teacher
 from .config import student_init_kwargs
 from .dpo import DPOModule, preference_metrics
 from .evaluate import heldout_agreement, heldout_loss, side_by_side
+from .faults import FaultError
 from .ild import ILDModule, compose_student
 from .kd import KDModule
 from .losses import KDLossConfig
@@ -170,6 +171,7 @@ def _fit(
         stage_cfg.checkpoint_every_n_steps,
         ctx.cfg.eval.max_batches,
         ctx.callbacks.get(stage),
+        faults=_container(ctx.cfg.faults) if "faults" in ctx.cfg else None,
     )
     data = DistillDataModule(ctx.data_cfg, ctx.tokenizer, phase=phase) if phase else None
     last = folder / "checkpoints" / "last.ckpt"
@@ -181,7 +183,7 @@ def _fit(
         trainer.fit(module, loaders["train"], loaders["val"], ckpt_path=str(last) if last.exists() else None)
     if trainer.interrupted or trainer.global_step < stage_cfg.max_steps:
         # Lightning returns normally after Ctrl-C or SIGTERM; the stage is not finished and must not count as done.
-        raise RuntimeError(
+        raise FaultError(
             f"stage {stage} stopped at step {trainer.global_step} of {stage_cfg.max_steps}; "
             f"rerun the same command to resume from {last}"
         )
