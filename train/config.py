@@ -533,7 +533,13 @@ def _typed(cfg: Any) -> TrainConfig:
     return obj
 
 
-def _teacher_spec(teacher: TeacherConfig, vocab_size: int = 1024, fetch: bool = False):
+def tiny_teacher_positions(tiny_seq_len: int, data_seq_len: int) -> int:
+    """max_position_embeddings of the embedded teacher: it is built for the run, so it fits both the length it
+    trains on (teacher.tiny.seq_len) and the run's data.seq_len."""
+    return max(512, tiny_seq_len, data_seq_len)
+
+
+def _teacher_spec(teacher: TeacherConfig, vocab_size: int = 1024, fetch: bool = False, data_seq_len: int = 0):
     """The TeacherSpec used to check the student: from `teacher.tiny`, from a local config.json (whose safetensors
     headers are checked too), or for a Hub id None (shape checks wait for the pipeline) unless `fetch` (read its
     config.json from the Hub or the local HF cache). `vocab_size` only fills the tiny spec (no check uses it)."""
@@ -553,7 +559,7 @@ def _teacher_spec(teacher: TeacherConfig, vocab_size: int = 1024, fetch: bool = 
             head_dim=t.hidden_size // t.num_heads,
             hidden_act="silu",
             rms_norm_eps=1e-6,
-            max_position_embeddings=max(512, t.seq_len),
+            max_position_embeddings=tiny_teacher_positions(t.seq_len, data_seq_len),
             rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
             tie_word_embeddings=True,
             qkv_bias=False,
@@ -843,7 +849,7 @@ def validate_config(cfg: Any, fetch_teacher: bool = False) -> None:
         raise ConfigError(_one_line(e).replace("data config: ", "data.")) from e
     _check_training(c)
     _check_runtime(c)
-    spec = _teacher_spec(c.teacher, fetch=fetch_teacher)
+    spec = _teacher_spec(c.teacher, fetch=fetch_teacher, data_seq_len=c.data.seq_len)
     known = spec is not None and c.teacher.name_or_path != TINY_TEACHER  # the tiny teacher is built to fit
     if known and c.data.seq_len > spec.max_position_embeddings:
         _fail(

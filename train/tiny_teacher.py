@@ -21,12 +21,20 @@ from data.config import DataConfig
 from data.corpus import tiny_tokenizer_path
 from data.datamodule import DistillDataModule
 
+from .config import tiny_teacher_positions
+
 log = logging.getLogger(__name__)
 
 
 def tiny_teacher_dir(settings: dict, data_cfg: DataConfig) -> Path:
     shape = {k: v for k, v in settings.items() if k != "cache_dir"}
-    key = json.dumps({"teacher": shape, "data": repr(data_cfg.sources), "seed": data_cfg.seed}, sort_keys=True)
+    positions = tiny_teacher_positions(settings["seq_len"], data_cfg.seq_len)
+    # Everything the trained weights depend on; max positions too, so a longer data.seq_len never reuses a
+    # teacher that cannot take it.
+    key = json.dumps(
+        {"teacher": shape, "data": repr(data_cfg.sources), "seed": data_cfg.seed, "positions": positions},
+        sort_keys=True,
+    )
     return Path(settings["cache_dir"]) / f"tiny_teacher_{hashlib.sha256(key.encode()).hexdigest()[:10]}"
 
 
@@ -46,7 +54,7 @@ def ensure_tiny_teacher(settings: dict, data_cfg: DataConfig, seed: int) -> Path
         num_hidden_layers=settings["num_layers"],
         num_attention_heads=settings["num_heads"],
         num_key_value_heads=settings["num_kv_heads"],
-        max_position_embeddings=max(512, data_cfg.seq_len),
+        max_position_embeddings=tiny_teacher_positions(settings["seq_len"], data_cfg.seq_len),
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
         tie_word_embeddings=True,
         bos_token_id=tokenizer.bos_token_id,
