@@ -99,10 +99,21 @@ def _user_errors() -> dict[type, int]:
     }
 
 
+def _apply_launcher(cfg: DictConfig) -> None:
+    """Under srun or torchrun, trainer.devices / trainer.num_nodes follow the allocation (train/cluster.py); values
+    given on the command line must match it."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from train.cluster import apply_allocation, override_keys
+
+    apply_allocation(cfg, os.environ, override_keys(HydraConfig.get().overrides.task))
+
+
 @hydra.main(config_path="../conf", config_name="train", version_base=None)
 def main(cfg: DictConfig) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
+        _apply_launcher(cfg)
         validate_config(cfg, fetch_teacher=True)
     except (ConfigError, ValueError) as error:
         if _full_error():
