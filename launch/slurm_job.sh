@@ -14,6 +14,7 @@
 # Resume. A requeued job keeps its SLURM_JOB_ID and its arguments, so it reruns the same command with the same
 # output_dir (outputs/<preset>-<job id>): finished stages are skipped, the interrupted one resumes from last.ckpt.
 # The W&B run id is keyed on the job id as well (WANDB_RUN_ID, WANDB_RESUME=allow): the same W&B run continues.
+# To continue an older job's run in a new job, pass its folder: `output_dir=outputs/<preset>-<old job id>`.
 set -uo pipefail  # no -e: srun's exit status is examined below
 
 : "${SLURM_JOB_ID:?run this through sbatch (launch/zebra_1node.sbatch), not directly}"
@@ -39,7 +40,11 @@ mapfile -t nodes < <(scontrol show hostnames "${SLURM_JOB_NODELIST:-${SLURM_NODE
 export MASTER_ADDR="${MASTER_ADDR:-${nodes[0]:-127.0.0.1}}"
 export MASTER_PORT="${MASTER_PORT:-$((15000 + SLURM_JOB_ID % 10000))}"
 
-export WANDB_RUN_ID="${WANDB_RUN_ID:-${run_id}}"
+# The W&B run of this output_dir (the wandb logger honours WANDB_RUN_ID, train/tracking.py). With output_dir or
+# run_name given (to resume an older job's folder) the id saved in that folder (.wandb_run_id) continues its run.
+if ((output_given == 0)); then
+  export WANDB_RUN_ID="${WANDB_RUN_ID:-${run_id}}"
+fi
 export WANDB_RESUME="${WANDB_RESUME:-allow}"  # resume the run when it exists (requeue), create it otherwise
 
 # CPU threads per rank: the cores SLURM gave each task (otherwise every rank starts one thread per core of the node).
@@ -64,7 +69,7 @@ export HF_DATASETS_OFFLINE="${HF_DATASETS_OFFLINE:-${HF_HUB_OFFLINE}}"
 trap 'echo "slurm_job.sh: SIGTERM received, waiting for the training processes" >&2' TERM
 
 echo "job ${SLURM_JOB_ID} (restart ${SLURM_RESTART_COUNT:-0}): ${SLURM_NNODES:-1} node(s) x" \
-  "${SLURM_NTASKS_PER_NODE:-1} task(s), MASTER_ADDR=${MASTER_ADDR}:${MASTER_PORT}, W&B run ${WANDB_RUN_ID}"
+  "${SLURM_NTASKS_PER_NODE:-1} task(s), MASTER_ADDR=${MASTER_ADDR}:${MASTER_PORT}, W&B run ${WANDB_RUN_ID:-(saved)}"
 status=0
 # One task per GPU (--ntasks-per-node = --gpus-per-node, from the #SBATCH lines); every task sees all GPUs of its
 # node and Lightning picks cuda:<SLURM_LOCALID>. trainer.devices / num_nodes follow SLURM (train/cluster.py).

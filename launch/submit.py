@@ -155,7 +155,11 @@ def sbatch_options(args: argparse.Namespace, preset: str) -> dict[str, str]:
         "account": args.account,
         "qos": args.qos,
     }
-    return {key: value for key, value in options.items() if value is not None}
+    options = {key: value for key, value in options.items() if value is not None}
+    for key, value in options.items():
+        if not value or any(c.isspace() or c == "#" for c in value):  # one token on an #SBATCH line
+            raise SubmitError(f"--{key}={value!r} is invalid; allowed: a value without spaces or '#'")
+    return options
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -135,8 +135,9 @@ def test_default_preset_and_a_given_output_dir(tmp_path):
     result, args, env, _ = run_batch(tmp_path, SBATCH["1node"])
     assert result.returncode == 0, result.stderr
     assert args[-1] == "output_dir=outputs/tiny-4242" and env["WANDB_RUN_ID"] == "tiny-4242"
-    result, args, _, _ = run_batch(tmp_path, SBATCH["1node"], "conf=zebra_3b", "output_dir=/scratch/mine")
+    result, args, env, _ = run_batch(tmp_path, SBATCH["1node"], "conf=zebra_3b", "output_dir=/scratch/mine")
     assert [a for a in args if a.startswith("output_dir=")] == ["output_dir=/scratch/mine"]
+    assert "WANDB_RUN_ID" not in env  # the W&B id saved in that folder continues its run
 
 
 def test_user_environment_wins(tmp_path):

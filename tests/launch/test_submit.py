@@ -87,6 +87,7 @@ def test_submit_writes_the_script_under_logs_and_calls_sbatch(capsys, fake_sbatc
         (["conf=zebra_1b", "--time", "tomorrow"], ["--time=tomorrow"]),
         (["conf=zebra_1b", "--nodes", "0"], ["--nodes=0"]),
         (["zebra 1b"], ["preset 'zebra 1b'"]),
+        (["conf=zebra_1b", "--partition", "gpu a100"], ["--partition='gpu a100'"]),
     ],
 )
 def test_mistakes_fail_in_one_line_before_sbatch(capsys, fake_sbatch, argv, names):
