@@ -4,6 +4,11 @@ MLA layers keep only the KV latent (kv_lora_rank values per token) and the rotat
 (rope heads x qk_rope_head_dim per token); keys and values are never decompressed from it (decoding uses
 the absorbed form). Mamba2 layers keep a constant-size conv state (last d_conv-1 inputs) and SSM state.
 The object is passed through `forward(cache=...)` like a transformers cache; `generate()` creates one.
+
+Two MLA storage modes, one class: growing (default; each call appends with torch.cat) or preallocated
+(`max_length=N`: fixed (B, N, ...) buffers written in place at a device-side position counter). The
+preallocated mode never changes a tensor's address and never reads the position on the host, so a decode
+step over it can be captured in a CUDA graph and replayed; MLA masks the slots not yet written.
 """
 
 from __future__ import annotations
@@ -19,10 +24,16 @@ from .config import HybridConfig
 class MLALayerCache:
     latent: torch.Tensor | None = None  # (B, S, kv_lora_rank)
     rope_key: torch.Tensor | None = None  # (B, S, rope_heads, qk_rope_head_dim), already rotated
+    # Preallocated mode: the model's shared 0-d device counter of tokens written (S above is then max_length).
+    position: torch.Tensor | None = None
 
     def update(self, latent: torch.Tensor, rope_key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append this call's tokens; return everything cached so far."""
-        if self.latent is None:
+        """Store this call's tokens; return everything cached so far (preallocated: the whole buffers)."""
+        if self.position is not None:
+            index = self.position + torch.arange(latent.shape[1], device=latent.device)
+            self.latent.index_copy_(1, index, latent.to(self.latent.dtype))
+            self.rope_key.index_copy_(1, index, rope_key.to(self.rope_key.dtype))
+        elif self.latent is None:
             self.latent, self.rope_key = latent, rope_key
         else:
             self.latent = torch.cat([self.latent, latent], dim=1)
@@ -48,6 +59,11 @@ class HybridCache:
     is_compileable = False  # read by transformers' generate()
     is_croppable = False
 
+    @property
+    def is_linear(self) -> list[bool]:
+        """Per layer, whether its state has constant size (read by generate() when a user passes a cache)."""
+        return [kind == "mamba" for kind in self.config.mixer_types]
+
     def __init__(
         self,
         config: HybridConfig,
@@ -55,23 +71,53 @@ class HybridCache:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
         ssm_state_dtype: torch.dtype = torch.float32,
+        max_length: int | None = None,
     ):
+        """`max_length` preallocates MLA buffers for that many tokens (prompt + generated) and writes in place."""
         self.config = config
         self.batch_size = batch_size
-        self.seen_tokens = 0
+        self.max_length = max_length
+        self.seen_tokens = 0  # host-side count; a replayed CUDA graph advances only `position`
+        self.position = None if max_length is None else torch.zeros((), dtype=torch.long, device=device)
         # Absolute index where each row's current document starts (left padding, packed prompts).
         self.doc_start = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.layers: list[MLALayerCache | MambaLayerCache] = []
         d_conv, dims = config.mamba_config.d_conv, config.mamba_dims
         for kind in config.mixer_types:
             if kind == "mla":
-                self.layers.append(MLALayerCache())
+                self.layers.append(self._mla_layer(len(self.layers), dtype, device))
                 continue
             conv_state = torch.zeros(batch_size, dims.conv_dim, d_conv - 1, dtype=dtype, device=device)
             ssm_state = torch.zeros(
                 batch_size, dims.nheads, dims.headdim, dims.d_state, dtype=ssm_state_dtype, device=device
             )
             self.layers.append(MambaLayerCache(conv_state=conv_state, ssm_state=ssm_state))
+
+    def _mla_layer(self, layer_idx: int, dtype: torch.dtype, device) -> MLALayerCache:
+        if self.max_length is None:
+            return MLALayerCache()
+        c, shape = self.config.mla_config, (self.batch_size, self.max_length)
+        rope_heads = c.num_rope_heads(self.config.num_key_value_heads)
+        return MLALayerCache(
+            latent=torch.zeros(*shape, c.rank(layer_idx), dtype=dtype, device=device),
+            rope_key=torch.zeros(*shape, rope_heads, c.qk_rope_head_dim, dtype=dtype, device=device),
+            position=self.position,
+        )
+
+    def check_room(self, length: int) -> None:
+        """Raise before writing `length` more tokens past a preallocated cache's end."""
+        if self.max_length is not None and self.seen_tokens + length > self.max_length:
+            raise ValueError(
+                f"HybridCache(max_length={self.max_length}) holds {self.seen_tokens} tokens; "
+                f"{length} more do not fit: allocate it with a larger max_length"
+            )
+
+    def advance(self, length: int, doc_start: torch.Tensor) -> None:
+        """After a forward of `length` tokens: move both counters; doc_start is updated in place (graph-safe)."""
+        self.seen_tokens += length
+        if self.position is not None:
+            self.position.add_(length)
+        self.doc_start.copy_(doc_start)
 
     def __len__(self) -> int:
         return len(self.layers)

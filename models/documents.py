@@ -36,7 +36,7 @@ def documents_from_positions(
     carried = cached_doc_start if cached_doc_start is not None else torch.zeros_like(doc_start[:, 0])
     doc_start = torch.where(doc_start < 0, carried[:, None].to(doc_start.dtype), doc_start)
     continues = (~is_start[:, 0]) & (past_len > 0)
-    single = not bool(is_start[:, 1:].any())
+    single = length == 1 or not bool(is_start[:, 1:].any())  # no host sync per decoded token (CUDA graphs)
     return Documents(seq_idx, doc_start, continues, past_len, single)
 
 

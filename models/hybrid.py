@@ -142,6 +142,8 @@ class HybridModel(HybridPreTrainedModel):
         hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         batch, length = hidden.shape[:2]
         past = cache.seen_tokens if cache is not None else 0
+        if cache is not None:
+            cache.check_room(length)
         if attention_mask is not None and attention_mask.dim() != 2:
             raise ValueError(
                 "attention_mask must be 2D (batch, past+new tokens), got shape "
@@ -166,8 +168,7 @@ class HybridModel(HybridPreTrainedModel):
                 all_hidden.append(hidden)
         hidden = self.norm(hidden)
         if cache is not None:
-            cache.seen_tokens += length
-            cache.doc_start = docs.doc_start[:, -1]
+            cache.advance(length, docs.doc_start[:, -1])
         return BaseModelOutputWithPast(
             last_hidden_state=hidden,
             hidden_states=tuple(all_hidden) if all_hidden is not None else None,
@@ -191,9 +192,12 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
     def get_output_embeddings(self) -> nn.Linear:
         return self.lm_head
 
-    def make_cache(self, batch_size: int) -> HybridCache:
-        """An empty cache on this model's device and dtype."""
-        return HybridCache(self.config, batch_size, dtype=self.dtype, device=self.device)
+    def make_cache(self, batch_size: int, max_length: int | None = None) -> HybridCache:
+        """An empty cache on this model's device and dtype; `max_length` preallocates it (CUDA-graph decoding).
+
+        Pass a preallocated one to generate() as `cache=model.make_cache(batch, prompt_len + max_new_tokens)`.
+        """
+        return HybridCache(self.config, batch_size, dtype=self.dtype, device=self.device, max_length=max_length)
 
     def forward(
         self,

@@ -37,6 +37,7 @@ class MLA(nn.Module):
         qk_dim = self.nope_dim + self.rope_dim
         self.scale = c.softmax_scale or qk_dim**-0.5
         self.freq_indices = c.freq_indices(config.head_dim)
+        self._freq_index: dict[torch.device, torch.Tensor] = {}  # per device; not a buffer (see models/rope.py)
         hidden, eps = config.hidden_size, config.rms_norm_eps
 
         if c.q_lora_rank is None:
@@ -59,6 +60,17 @@ class MLA(nn.Module):
             return self.q_proj(hidden)
         return self.q_b_proj(self.q_a_layernorm(self.q_a_proj(hidden)))
 
+    def _layer_freqs(self, table: torch.Tensor) -> torch.Tensor:
+        """This layer's RoPE frequencies out of the teacher's table (B, T, head_dim/2).
+
+        The index tensor is made once per device: indexing with a Python list copies it host-to-device on every
+        call, which a CUDA graph cannot capture (the first call, a prefill or warmup, runs outside capture).
+        """
+        index = self._freq_index.get(table.device)
+        if index is None:
+            index = self._freq_index[table.device] = torch.tensor(self.freq_indices, device=table.device)
+        return table.index_select(-1, index)
+
     def forward(
         self,
         hidden: torch.Tensor,
@@ -73,7 +85,7 @@ class MLA(nn.Module):
         `absorb=None` decodes in absorbed form whenever cached tokens exist; True/False forces a form.
         """
         batch, length, _ = hidden.shape
-        cos, sin = cos[..., self.freq_indices], sin[..., self.freq_indices]
+        cos, sin = self._layer_freqs(cos), self._layer_freqs(sin)
         q = self.q_norm(self._queries(hidden).unflatten(-1, (self.num_heads, -1)))  # (B, T, H, nope+rope)
         q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
         q_pe = apply_rope(q_pe, cos, sin)
@@ -82,9 +94,14 @@ class MLA(nn.Module):
         )
         latent = self.kv_a_layernorm(latent)  # (B, T, r)
         k_pe = apply_rope(self.k_norm(k_pe.unflatten(-1, (self.rope_heads, self.rope_dim))), cos, sin)
+        query_start = None
         if cache is not None:
-            latent, k_pe = cache.update(latent, k_pe)  # (B, S, r), (B, S, R, rope)
-        mask = attention_mask(docs, length, latent.shape[1])
+            cached = cache.update(latent, k_pe)  # (B, S, r), (B, S, R, rope)
+            # An empty cache adds no keys: prefill attends over its own tokens (not a preallocated buffer's slots).
+            if docs.past_len > 0:
+                latent, k_pe = cached
+                query_start = cache.position  # None for a growing cache; a device counter for a preallocated one
+        mask = attention_mask(docs, length, latent.shape[1], query_start)
         if absorb is None:
             absorb = docs.past_len > 0
         attend = self._absorbed if absorb else self._expanded
@@ -142,12 +159,20 @@ class MLA(nn.Module):
         return out.flatten(2, 3)
 
 
-def attention_mask(docs: Documents, length: int, total: int) -> torch.Tensor | None:
-    """(B, 1, T, S) bool: causal and within the query's document; None when plain causal suffices."""
-    if docs.past_len == 0 and docs.single_document:
+def attention_mask(
+    docs: Documents, length: int, total: int, query_start: torch.Tensor | None = None
+) -> torch.Tensor | None:
+    """(B, 1, T, S) bool: causal and within the query's document; None when plain causal suffices.
+
+    `query_start` (0-d device tensor) is the first query's absolute index for a preallocated cache: read on the
+    device rather than from `docs.past_len`, so a captured graph stays right on replay, and causality then also
+    masks the buffer's slots not written yet.
+    """
+    if docs.past_len == 0 and docs.single_document and query_start is None:
         return None
     device = docs.doc_start.device
-    query = torch.arange(docs.past_len, docs.past_len + length, device=device)  # absolute query index
+    first = docs.past_len if query_start is None else query_start
+    query = torch.arange(length, device=device) + first  # absolute query index
     key = torch.arange(total, device=device)
     causal = key[None, :] <= query[:, None]  # (T, S)
     same_doc = key[None, None, :] >= docs.doc_start[:, :, None]  # (B, T, S)
