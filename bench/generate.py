@@ -514,6 +514,9 @@ def _run(settings: Settings, out: Path | None, start: float) -> tuple[dict, Path
         "benchmark": "generate",
         "preset": settings.preset,
         "card": card,
+        "card_memory_gib": torch.cuda.get_device_properties(device).total_memory / GIB
+        if device.type == "cuda"
+        else None,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "versions": {
             "torch": torch.__version__,

@@ -21,3 +21,20 @@ def test_generate_benchmark_smoke(tmp_path):
     assert all(r["tokens_per_s"] > 0 for r in results["decode"])
     for suffix in ("throughput", "max_batch"):
         assert (tmp_path / f"gen_{suffix}.png").stat().st_size > 0
+
+
+def test_benchmark_decode_steps_are_capturable_on_their_face():
+    """Both decode steps (after one warmup step) run no host sync and make no tensor from host data."""
+    import torch
+
+    from bench.generate import build_models, student_decoder, teacher_decoder
+    from tests.models.test_static_cache import HOST_OPS, _RecordOps
+
+    student, teacher = build_models("smoke", "cpu", torch.float32)
+    with torch.no_grad():
+        for make, model in ((student_decoder, student), (teacher_decoder, teacher)):
+            decoder = make(model, 2, 64, 16)
+            decoder.step()
+            with _RecordOps() as recorder:
+                decoder.step()
+            assert recorder.ops and not HOST_OPS & set(recorder.ops), (make.__name__, HOST_OPS & set(recorder.ops))

@@ -3,6 +3,7 @@ decode step that reads no host-side counter (what a replayed CUDA graph needs)."
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from models import student_cache_bytes
 
@@ -88,3 +89,31 @@ def test_generate_with_a_static_cache_equals_default_generate():
         )
     assert torch.equal(default, static)
     assert cache.seen_tokens == 8 + 5  # the last generated token is never fed back
+
+
+class _RecordOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+# A CUDA graph cannot capture a host sync (.item(), bool(tensor), nonzero) nor a tensor made from host data
+# (torch.tensor(list), indexing with a list): on CUDA these fail at capture or bake a stale value into replays.
+HOST_OPS = {"aten._local_scalar_dense", "aten.item", "aten.is_nonzero", "aten.nonzero", "aten.lift_fresh"}
+
+
+def test_static_decode_step_has_no_host_sync_or_host_data():
+    model = tiny_model(mla=dict(q_lora_rank=24))
+    cache = model.make_cache(2, max_length=32)
+    token = torch.randint(1, 97, (2, 1))
+    with torch.no_grad():
+        model(torch.randint(1, 97, (2, 10)), cache=cache)
+        model(token, position_ids=torch.full((2, 1), 10), cache=cache)  # first decode step (warmup)
+        with _RecordOps() as recorder:
+            model(token, position_ids=torch.full((2, 1), 11), cache=cache)
+    assert "aten.index_copy_" in recorder.ops  # the in-place cache write was recorded
+    assert not HOST_OPS & set(recorder.ops), HOST_OPS & set(recorder.ops)
