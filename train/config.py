@@ -298,12 +298,17 @@ class CSVLoggerConfig:
 
 @dataclass
 class WandbLoggerConfig:
+    """One W&B run per pipeline run (train/tracking.py); its id: $WANDB_RUN_ID, else <output_dir>/.wandb_run_id."""
+
     kind: str = "wandb"
     project: str = "zebra-distill"
     entity: str | None = None  # team or user; None: the logged-in default
     name: str = "${run_name}"  # W&B run name
+    group: str | None = None  # runs shown together (a sweep, a model size); None: ungrouped
     tags: list[str] = field(default_factory=list)
     offline: bool = False  # write locally, `wandb sync` later (clusters without internet)
+    save_dir: str | None = None  # where wandb/ goes; None: $WANDB_DIR, else output_dir
+    log_model: bool = False  # also upload the exported student (output_dir/student) as a model artifact
 
 
 @dataclass
@@ -795,6 +800,13 @@ def _check_runtime(cfg: TrainConfig) -> None:
     else:
         _choice("strategy.name", st.name, ("auto",))
     _choice("logger.kind", cfg.logger.kind, tuple(LOGGER_SCHEMAS))
+    if isinstance(cfg.logger, WandbLoggerConfig):
+        project = cfg.logger.project
+        if not project or len(project) > 128 or re.search(r"[/\\#?%:]", project):
+            # wandb's own rule, checked here so the mistake shows before any model loads.
+            _fail("logger.project", project, "a name of 1 to 128 characters without / \\ # ? % :")
+        if not cfg.logger.name:
+            _fail("logger.name", cfg.logger.name, "a non-empty run name (default: run_name)")
 
 
 def _check_teacher(cfg: TrainConfig) -> None:

@@ -41,6 +41,7 @@ from .kd import KDModule
 from .losses import KDLossConfig
 from .plots import plot_ild_layers, plot_losses, plot_selection
 from .tiny_teacher import ensure_tiny_teacher
+from .tracking import Tracker
 from .trainer import make_trainer
 
 log = logging.getLogger(__name__)
@@ -104,22 +105,26 @@ def run(cfg: DictConfig, callbacks: dict[str, list] | None = None) -> dict:
     report = json.loads(report_path.read_text()) if report_path.exists() else {"stage_seconds": {}}
     report.update({"teacher": teacher_path, "output_dir": str(out)})
     ctx = Context(cfg, out, teacher, spec, teacher_path, tokenizer, data_cfg, report, callbacks or {})
-    for index, stage in enumerate(stages):
-        done = ctx.stage_dir(stage) / "done.json"
-        if done.exists():
-            log.info("stage %s: finished earlier, skipped", stage)
-            continue
-        ctx.stage_dir(stage).mkdir(parents=True, exist_ok=True)
-        # Each stage starts from its own seed, so its result does not depend on which stages ran in this process
-        # (a cached tiny teacher, a skipped stage, a resumed run).
-        L.seed_everything(cfg.seed + index, workers=True)
-        start = time.perf_counter()
-        log.info("stage %s: start", stage)
-        result = STAGES[stage](ctx) or {}
-        seconds = time.perf_counter() - start
-        report["stage_seconds"][stage] = round(seconds, 1)
-        write_json(done, {"seconds": seconds, **result})
-        write_json(report_path, report)
+    # One W&B run for all stages (resumed by a rerun), finished when the block ends; a no-op for other loggers.
+    with Tracker.start(cfg, out) as tracker:
+        for index, stage in enumerate(stages):
+            done = ctx.stage_dir(stage) / "done.json"
+            if done.exists():
+                log.info("stage %s: finished earlier, skipped", stage)
+                continue
+            ctx.stage_dir(stage).mkdir(parents=True, exist_ok=True)
+            # Each stage starts from its own seed, so its result does not depend on which stages ran in this
+            # process (a cached tiny teacher, a skipped stage, a resumed run).
+            L.seed_everything(cfg.seed + index, workers=True)
+            start = time.perf_counter()
+            log.info("stage %s: start", stage)
+            result = STAGES[stage](ctx) or {}
+            seconds = time.perf_counter() - start
+            report["stage_seconds"][stage] = round(seconds, 1)
+            write_json(done, {"seconds": seconds, **result})
+            write_json(report_path, report)
+            tracker.stage_done(stage, report)
+        tracker.pipeline_done(report)
     return report
 
 

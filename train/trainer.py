@@ -35,17 +35,21 @@ def make_strategy(strategy: dict) -> Any:
 
 
 def make_logger(logger: dict, stage_dir: Path, run_name: str) -> Any:
+    """The Lightning logger(s) of one stage: `stage_dir` is `<output_dir>/<stage>`.
+
+    csv: `<stage>/logs/metrics.csv`. wandb: the pipeline's one W&B run (train/tracking.py), metrics under
+    `<stage>/...`, plus the same CSV (the loss-curve plot reads it). none: no logger.
+    """
     kind = logger.get("kind", "csv")
     if kind == "none":
         return False
+    csv = CSVLogger(save_dir=str(stage_dir), name="logs", version="")
     if kind == "csv":
-        return CSVLogger(save_dir=str(stage_dir), name="logs", version="")
+        return csv
     if kind == "wandb":
-        from lightning.pytorch.loggers import WandbLogger  # imported only when chosen
+        from .tracking import StageWandbLogger  # wandb is imported only when this logger is chosen
 
-        settings = {k: v for k, v in logger.items() if k != "kind"}
-        settings["name"] = settings.get("name") or run_name
-        return WandbLogger(save_dir=str(stage_dir), **settings)
+        return [csv, StageWandbLogger(stage_dir.name, logger, stage_dir.parent, run_name)]
     raise ValueError(f"logger.kind={kind!r} is invalid: csv, wandb or none")
 
 
