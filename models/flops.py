@@ -49,3 +49,86 @@ def teacher_cache_bytes(
 ) -> CacheBytes:
     """A GQA transformer's KV cache: K and V per KV head per layer per token."""
     return CacheBytes(per_token=num_layers * 2 * num_kv_heads * head_dim * _size(dtype), constant=0)
+
+
+# ------------------------------------------------------------------------------------------- training FLOPs
+#
+# Model FLOPs per token, counted analytically (a multiply-add is 2 FLOPs), for MFU:
+#   - every nn.Linear: 2 * in * out (the lm_head included where it runs; embeddings are lookups, 0);
+#   - attention (teacher GQA, student MLA): 2 * heads * (qk_dim + v_dim) * context, context = the mean number of keys
+#     a token attends to (causal, within its document: mean(position_id) + 1 for a packed batch);
+#   - Mamba2's chunked SSD scan per head: Q * (N + P) for the causal intra-chunk blocks (C B^T, then times x, each
+#     half of a Q x Q block) plus 4 * N * P for the chunk states (B^T x, then C h), Q the chunk size; the depthwise
+#     conv 2 * conv_dim * d_conv;
+#   - backward = 2 x forward for what is trained (input and weight gradients); 1 x forward for frozen modules that
+#     gradients pass through (input gradients only); 0 for modules nothing flows back through (the teacher).
+# Norms, activations, RoPE and softmax are left out (memory-bound, a few % of the total), as in the usual
+# 6N + attention convention, so MFU here is comparable with torchtitan's and nanoGPT's.
+
+
+def linear_flops(module: torch.nn.Module) -> int:
+    """Forward FLOPs per token of every nn.Linear inside `module`."""
+    return sum(2 * m.in_features * m.out_features for m in module.modules() if isinstance(m, torch.nn.Linear))
+
+
+def attention_context(position_ids: torch.Tensor) -> float:
+    """Mean number of keys per query for causal attention within documents (position ids restart at 0)."""
+    return float(position_ids.float().mean()) + 1.0
+
+
+def mixer_extra_flops(mixer: torch.nn.Module, context: float) -> int:
+    """Forward FLOPs per token of a mixer beyond its Linear layers: attention scores and values, or SSD + conv.
+    Works for the student's MLA / Mamba2 and for Hugging Face attention modules (Llama, Qwen, Mistral)."""
+    from .mamba2 import Mamba2
+    from .mla import MLA
+
+    if isinstance(mixer, MLA):
+        qk = mixer.nope_dim + mixer.rope_dim
+        return int(2 * mixer.num_heads * (qk + mixer.v_dim) * context)
+    if isinstance(mixer, Mamba2):
+        d = mixer.dims
+        scan = d.nheads * (mixer.chunk_size * (d.d_state + d.headdim) + 4 * d.d_state * d.headdim)
+        return scan + 2 * d.conv_dim * mixer.conv1d.kernel_size[0]
+    config = mixer.config  # a transformers attention module
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return int(2 * heads * 2 * head_dim * context)
+
+
+def _layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    return list(model.model.layers)
+
+
+def _mixer(layer: torch.nn.Module) -> torch.nn.Module:
+    return layer.mixer if hasattr(layer, "mixer") else layer.self_attn
+
+
+def forward_flops(model: torch.nn.Module, context: float, lm_head: bool = True) -> int:
+    """Forward FLOPs per token of a causal LM (student or Hugging Face teacher)."""
+    total = sum(linear_flops(layer) + mixer_extra_flops(_mixer(layer), context) for layer in _layers(model))
+    return total + (linear_flops(model.lm_head) if lm_head else 0)
+
+
+def training_flops_per_token(
+    stage: str, teacher: torch.nn.Module, students: list, context: float, ild_trainable: str = "mixers"
+) -> int:
+    """Model FLOPs per token of one training step (see the rules above).
+
+    kd: student forward + backward (all trained) + teacher forward, both with their lm_head;
+    ild: teacher trunk forward + for every student layer, mixer forward + backward (trained) and the frozen MLP's
+    forward + input gradient (the layer-output loss flows back through it; trained too with ild_trainable="layers");
+    teacher_ce: a plain teacher training step (forward + backward with its lm_head), the baseline."""
+    if stage == "kd":
+        return 3 * sum(forward_flops(s, context) for s in students) + forward_flops(teacher, context)
+    if stage == "ild":
+        total = forward_flops(teacher, context, lm_head=False)
+        for student in students:
+            for layer in _layers(student):
+                mixer = _mixer(layer)
+                mixer_fwd = linear_flops(mixer) + mixer_extra_flops(mixer, context)
+                rest = linear_flops(layer) - linear_flops(mixer)  # the MLP
+                total += 3 * mixer_fwd + (3 if ild_trainable == "layers" else 2) * rest
+        return total
+    if stage == "teacher_ce":
+        return 3 * forward_flops(teacher, context)
+    raise ValueError(f"stage={stage!r} is invalid: kd, ild or teacher_ce")

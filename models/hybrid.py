@@ -68,8 +68,11 @@ class HybridDecoderLayer(nn.Module):
         hidden = hidden + mixed
         return hidden + self.mlp(self.post_attention_layernorm(hidden)), mixed
 
-    def forward(self, hidden, cos, sin, docs: Documents, cache=None) -> torch.Tensor:
-        return self.forward_with_mixer(hidden, cos, sin, docs, cache)[0]
+    def forward(self, hidden, cos, sin, docs: Documents, cache=None, with_mixer: bool = False):
+        """The layer output, or (layer output, mixer output) with `with_mixer` (layer-wise distillation calls the
+        module itself, so hooks such as ZeRO-3's parameter gathering see the call)."""
+        out, mixed = self.forward_with_mixer(hidden, cos, sin, docs, cache)
+        return (out, mixed) if with_mixer else out
 
 
 class HybridPreTrainedModel(PreTrainedModel):

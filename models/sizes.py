@@ -27,3 +27,29 @@ LLAMA_3_2_1B = dict(
 
 ZEBRA_1B_MLA = dict(kv_lora_rank=128, qk_rope_head_dim=32, qk_nope_head_dim=32, v_head_dim=64)
 ZEBRA_1B_MAMBA = dict(d_state=64, headdim=64)
+
+# Llama-3.1-8B (Zebra-Llama 8B's teacher and the public recipe's KD teacher for the 1B student).
+LLAMA_3_1_8B = dict(
+    vocab_size=128256,
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    head_dim=128,
+    max_position_embeddings=131072,
+    rope_parameters={**LLAMA3_ROPE, "factor": 8.0},
+)
+
+# Llama-3.2-3B (Zebra-Llama 3B's teacher).
+LLAMA_3_2_3B = dict(
+    vocab_size=128256,
+    hidden_size=3072,
+    intermediate_size=8192,
+    num_hidden_layers=28,
+    num_attention_heads=24,
+    num_key_value_heads=8,
+    head_dim=128,
+    max_position_embeddings=131072,
+    rope_parameters=LLAMA3_ROPE,
+)

@@ -9,7 +9,7 @@ Reads use `torch.load(weights_only=True)`: tensors, numbers, strings and contain
 cannot run code. An unreadable file (truncated, not a checkpoint) raises `CheckpointError`.
 
 `check_resumable` refuses resumes that cannot work, before anything loads: a DeepSpeed (ZeRO) checkpoint directory
-under another strategy or world size, a single-file checkpoint under DeepSpeed (`checked_deepspeed_strategy` runs
+under another strategy or world size, a single-file checkpoint under DeepSpeed (`train.deepspeed_strategy` runs
 it for DeepSpeed, `AtomicCheckpointIO.load_checkpoint` for every other strategy). Single-file checkpoints (DDP,
 single device) hold the full state and resume at any world size (the data stream re-splits, data/README.md).
 """
@@ -166,16 +166,3 @@ def check_resumable(path: str | Path | None, deepspeed: bool, world_size: int, f
                 f"{written} ranks, or restart the stage from its student (DeepSpeed's zero_to_fp32.py recovers the "
                 "weights)"
             )
-
-
-def checked_deepspeed_strategy(**settings: Any) -> Any:
-    """Lightning's DeepSpeedStrategy, refusing checkpoints it cannot resume (`check_resumable`) before loading."""
-    from lightning.pytorch.strategies import DeepSpeedStrategy
-
-    class CheckedDeepSpeedStrategy(DeepSpeedStrategy):
-        def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
-            file_ok = bool(self.load_full_weights and self.zero_stage_3)
-            check_resumable(checkpoint_path, deepspeed=True, world_size=self.world_size, file_ok=file_ok)
-            return super().load_checkpoint(checkpoint_path, weights_only)
-
-    return CheckedDeepSpeedStrategy(**settings)

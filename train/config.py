@@ -793,8 +793,9 @@ def _check_runtime(cfg: TrainConfig) -> None:
         _choice("strategy.stage", st.stage, (1, 2, 3))
         if st.offload_parameters and st.stage != 3:
             _fail("strategy.offload_parameters", True, f"false unless strategy.stage is 3 (it is {st.stage})")
-        if t.accelerator == "cpu":
-            _fail("trainer.accelerator", "cpu", f"gpu | cuda | auto with strategy {st.name!r} (DeepSpeed needs CUDA)")
+        # DeepSpeed runs on CPU processes too (gloo, train/deepspeed_strategy.py), in full precision only.
+        if t.accelerator == "cpu" and t.precision not in ("32-true", "32", 32):
+            _fail("trainer.precision", t.precision, f"32-true with strategy {st.name!r} on CPU")
     elif isinstance(st, DDPStrategyConfig):
         _choice("strategy.name", st.name, ("ddp", "ddp_spawn"))
     else:

@@ -9,6 +9,8 @@ import lightning as L
 import torch
 from transformers import PreTrainedModel
 
+from models.flops import attention_context
+
 from .optim import adamw_cosine
 
 
@@ -45,13 +47,35 @@ class DistillModule(L.LightningModule):
     def on_train_batch_start(self, batch, batch_idx) -> None:
         self._step_start = time.perf_counter()
 
+    def flops_per_token(self, context: float) -> int:
+        """Model FLOPs of one training step per token (models/flops.py); subclasses say what they train."""
+        raise NotImplementedError
+
+    def _peak_flops(self) -> float | None:
+        """The device's peak FLOP/s at the training precision (Lightning's table of known cards), None if unknown."""
+        if not hasattr(self, "_peak"):
+            from lightning.fabric.utilities.throughput import get_available_flops
+
+            precision = str(self.trainer.precision)
+            dtype = torch.bfloat16 if "bf16" in precision else torch.float16 if "16" in precision else torch.float32
+            self._peak = get_available_flops(self.device, dtype) if self.device.type == "cuda" else None
+        return self._peak
+
     def log_throughput(self, batch: dict[str, torch.Tensor]) -> None:
+        """tokens seen, tokens/s (all ranks), lr, and on CUDA the MFU against the card's peak and peak memory."""
         tokens = int(batch["attention_mask"].sum()) * self.trainer.world_size
         self.tokens_seen += tokens
         elapsed = time.perf_counter() - (self._step_start or time.perf_counter())
         self.log("train/tokens_seen", float(self.tokens_seen), on_step=True, reduce_fx="max")
         if elapsed > 0:
             self.log("train/tokens_per_s", tokens / elapsed, on_step=True, prog_bar=True)
+            peak = self._peak_flops()
+            if peak:
+                # Rows are padded to seq_len, so the compute is over every position of the batch.
+                flops = self.flops_per_token(attention_context(batch["position_ids"])) * batch["input_ids"].numel()
+                self.log("train/mfu", flops / elapsed / peak, on_step=True)
+        if self.device.type == "cuda":
+            self.log("train/peak_memory_gb", torch.cuda.max_memory_allocated(self.device) / 2**30, on_step=True)
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:

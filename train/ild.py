@@ -11,10 +11,12 @@ from transformers import PreTrainedModel
 
 from models import HybridForCausalLM
 from models.documents import documents_from_positions
+from models.flops import training_flops_per_token
 
+from .deepspeed_strategy import is_zero3
 from .distill_module import DistillModule
 from .losses import ild_loss
-from .teacher_pass import trace_teacher
+from .teacher_pass import TeacherTrace, trace_teacher
 
 
 class ILDModule(DistillModule):
@@ -32,23 +34,42 @@ class ILDModule(DistillModule):
         super().__init__(teacher, optim)
         self.students = nn.ModuleDict(students)
         self.loss_kind, self.output_weight, self.mixer_weight = loss_kind, output_weight, mixer_weight
+        self.trainable = trainable
         for student in self.students.values():
             student.requires_grad_(False)
             for layer in student.model.layers:
                 (layer.mixer if trainable == "mixers" else layer).requires_grad_(True)
 
+    def flops_per_token(self, context: float) -> int:
+        students = list(self.students.values())
+        return training_flops_per_token("ild", self.teacher, students, context, self.trainable)
+
     def layer_losses(self, batch: dict[str, torch.Tensor]) -> dict[tuple[str, int], torch.Tensor]:
         """{(candidate, layer): loss} for one batch."""
-        trace = trace_teacher(self.teacher, batch)
+        return self.losses_from_trace(trace_teacher(self.teacher, batch), batch)
+
+    def losses_from_trace(
+        self, trace: TeacherTrace, batch: dict[str, torch.Tensor]
+    ) -> dict[tuple[str, int], torch.Tensor]:
+        """Every student layer on the teacher's input to it, scored against the teacher layer's outputs."""
         positions = batch["position_ids"]
         docs = documents_from_positions(positions)
         mask = batch["attention_mask"].bool()
         losses = {}
         for name, student in self.students.items():
             cos, sin = student.model.rope(positions)
-            dtype = student.model.embed_tokens.weight.dtype
+            # Not `embed_tokens.weight`: under ZeRO-3 that attribute read would gather it for the rest of the step.
+            first = next(student.parameters())
+            dtype = first.dtype
+            # ZeRO-3 reduces a leaf layer's gradients in a full backward hook, which fires once the gradient wrt
+            # the layer's inputs exists, or, when no input requires grad (the teacher's hidden states), as soon as
+            # the output gradients arrive: before the layer's backward, which then meets released parameters.
+            # A grad-requiring input orders it after (at the cost of the mixer's input-projection dgrad).
+            needs_input_grad = is_zero3(first) and torch.is_grad_enabled()
             for i, layer in enumerate(student.model.layers):
-                out, mixed = layer.forward_with_mixer(trace.inputs[i].to(dtype), cos, sin, docs)
+                hidden = trace.inputs[i].to(dtype)
+                hidden = hidden.detach().requires_grad_() if needs_input_grad else hidden
+                out, mixed = layer(hidden, cos, sin, docs, with_mixer=True)
                 losses[(name, i)] = self.output_weight * ild_loss(
                     out, trace.outputs[i], mask, self.loss_kind
                 ) + self.mixer_weight * ild_loss(mixed, trace.attn_outputs[i], mask, self.loss_kind)

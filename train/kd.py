@@ -8,6 +8,7 @@ from transformers import PreTrainedModel
 
 from data.batch import shift_labels, teacher_inputs
 from models import HybridForCausalLM
+from models.flops import training_flops_per_token
 
 from .distill_module import DistillModule
 from .losses import KDLossConfig, kd_loss
@@ -19,12 +20,17 @@ class KDModule(DistillModule):
         self.student = student
         self.loss_cfg = loss
 
-    def _loss(self, batch):
+    def teacher_hidden(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         with torch.no_grad():
-            teacher_hidden = self.teacher.model(**teacher_inputs(batch, self.teacher)).last_hidden_state
-        student_hidden = self.student.model(
-            input_ids=batch["input_ids"], position_ids=batch["position_ids"]
-        ).last_hidden_state
+            return self.teacher.model(**teacher_inputs(batch, self.teacher)).last_hidden_state
+
+    def student_hidden(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.student.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).last_hidden_state
+
+    def loss_from_hidden(self, student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, batch: dict):
+        """The chunked KD loss on final hidden states (its lm_head gradients are computed in this forward)."""
+        # Under ZeRO-3 the attribute read below, inside the engine's forward, gathers the partitioned weight
+        # (DeepSpeed's external-parameter discovery); tests/train/test_deepspeed_zero3_cpu.py checks its gradient.
         return kd_loss(
             student_hidden,
             self.student.lm_head.weight,
@@ -33,6 +39,12 @@ class KDModule(DistillModule):
             shift_labels(batch["labels"]),
             self.loss_cfg,
         )
+
+    def _loss(self, batch):
+        return self.loss_from_hidden(self.student_hidden(batch), self.teacher_hidden(batch), batch)
+
+    def flops_per_token(self, context: float) -> int:
+        return training_flops_per_token("kd", self.teacher, [self.student], context)
 
     def training_step(self, batch, batch_idx):
         out = self._loss(batch)

@@ -15,15 +15,17 @@ def adamw_cosine(
     max_steps: int,
     min_lr_ratio: float = 0.1,
 ) -> dict:
-    """Lightning's `configure_optimizers` dict. Fused AdamW on CUDA (one kernel for all parameters)."""
+    """Lightning's `configure_optimizers` dict. Multi-tensor AdamW on CUDA."""
     decay = [p for p in params if p.ndim >= 2]  # no decay on norms, biases, A_log, D, dt_bias
     no_decay = [p for p in params if p.ndim < 2]
-    fused = bool(params) and params[0].is_cuda
+    # foreach (multi-tensor) rather than fused: Lightning refuses gradient clipping with a fused optimizer under
+    # mixed precision (it would unscale inside the step), and trainer.gradient_clip_val is on for GPU presets.
+    cuda = bool(params) and params[0].is_cuda
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=lr,
         betas=(0.9, 0.95),
-        fused=fused or None,
+        foreach=cuda or None,
     )
 
     def factor(step: int) -> float:

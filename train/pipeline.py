@@ -33,6 +33,7 @@ from models.select import num_mla_for_budget, sensitivity_from_ild, smart_select
 from models.teacher import TeacherSpec, load_teacher
 
 from .config import student_init_kwargs
+from .deepspeed_strategy import consolidated_state_dict, is_deepspeed, load_consolidated
 from .dpo import DPOModule, preference_metrics
 from .evaluate import heldout_agreement, heldout_loss, side_by_side
 from .faults import FaultError
@@ -40,7 +41,8 @@ from .ild import ILDModule, compose_student
 from .kd import KDModule
 from .losses import KDLossConfig
 from .plots import plot_ild_layers, plot_losses, plot_selection
-from .tiny_teacher import ensure_tiny_teacher
+from .ranks import is_rank_zero, wait_for_file
+from .tiny_teacher import ensure_tiny_teacher, tiny_teacher_dir
 from .tracking import Tracker
 from .trainer import make_trainer
 
@@ -93,7 +95,10 @@ def run(cfg: DictConfig, callbacks: dict[str, list] | None = None) -> dict:
     data_cfg = DataConfig.from_dict(_container(cfg.data))
     teacher_path = str(cfg.teacher.name_or_path)
     if teacher_path == "tiny":
-        teacher_path = str(ensure_tiny_teacher(_container(cfg.teacher.tiny), data_cfg, cfg.seed))
+        tiny = _container(cfg.teacher.tiny)
+        if not is_rank_zero():
+            wait_for_file(tiny_teacher_dir(tiny, data_cfg) / "config.json", "the tiny teacher")
+        teacher_path = str(ensure_tiny_teacher(tiny, data_cfg, cfg.seed))
     teacher, spec = load_teacher(
         teacher_path,
         dtype=cfg.teacher.dtype,
@@ -112,6 +117,9 @@ def run(cfg: DictConfig, callbacks: dict[str, list] | None = None) -> dict:
             if done.exists():
                 log.info("stage %s: finished earlier, skipped", stage)
                 continue
+            if not is_rank_zero() and stage not in TRAINING_STAGES:
+                wait_for_file(done, f"stage {stage}")  # rank 0's work (train/ranks.py)
+                continue
             ctx.stage_dir(stage).mkdir(parents=True, exist_ok=True)
             # Each stage starts from its own seed, so its result does not depend on which stages ran in this
             # process (a cached tiny teacher, a skipped stage, a resumed run).
@@ -119,6 +127,9 @@ def run(cfg: DictConfig, callbacks: dict[str, list] | None = None) -> dict:
             start = time.perf_counter()
             log.info("stage %s: start", stage)
             result = STAGES[stage](ctx) or {}
+            if not is_rank_zero():  # trained collectively; rank 0 saves the student and marks the stage done
+                wait_for_file(done, f"saving stage {stage}")
+                continue
             seconds = time.perf_counter() - start
             report["stage_seconds"][stage] = round(seconds, 1)
             write_json(done, {"seconds": seconds, **result})
@@ -213,33 +224,76 @@ def stage_ild(ctx: Context) -> dict:
     init = ctx.stage_dir("init")
     candidates = init / "candidates"
     if _wants_candidates(ctx.cfg) and candidates.exists():
-        students = {kind: _load_student(candidates / kind) for kind in ("mla", "mamba")}
+        sources = {kind: candidates / kind for kind in ("mla", "mamba")}
     else:
-        students = {"assigned": _load_student(init / "student")}
+        sources = {"assigned": init / "student"}
+    students = {name: _load_student(path) for name, path in sources.items()}
     c = ctx.cfg.ild
     module = ILDModule(students, ctx.teacher, _optim(c), c.loss, c.output_weight, c.mixer_weight, c.trainable)
     trainer = _fit(ctx, "ild", module, "ild")
+    if not is_rank_zero():
+        return {}
+    trained = {
+        name: _trained_student(ctx, "ild", trainer, module.students[name], f"students.{name}.", path)
+        for name, path in sources.items()
+    }
     # Per-layer losses of every candidate on held-out data (the input to layer selection).
-    metrics = trainer.validate(module, datamodule=DistillDataModule(ctx.data_cfg, ctx.tokenizer, "ild"), verbose=False)[
-        0
-    ]
-    layer_losses: dict[str, dict[str, float]] = {}
-    for key, value in metrics.items():
-        if key.startswith("val/ild/"):
-            _, _, name, layer = key.split("/")
-            layer_losses.setdefault(layer.removeprefix("layer_"), {})[name] = float(value)
+    layer_losses = _heldout_layer_losses(ctx, trained, module)
     write_json(ctx.stage_dir("ild") / "layer_losses.json", layer_losses)
     if (init / "student" / "config.json").exists():  # a fixed map: the student is known now
         mixer_types = _load_student(init / "student").config.mixer_types
-        student = module.students["assigned"] if "assigned" in module.students else None
-        student = student or compose_student(dict(module.students), mixer_types)
+        student = trained.get("assigned") or compose_student(trained, mixer_types)
         _save_student(student, ctx.stage_dir("ild") / "student", ctx.tokenizer)
-    if "assigned" not in module.students:
-        for kind, candidate in module.students.items():
+    if "assigned" not in trained:
+        for kind, candidate in trained.items():
             _save_student(candidate, ctx.stage_dir("ild") / "candidates" / kind, ctx.tokenizer)
     plot_ild_layers(layer_losses, ctx.out / "ild_layer_losses.png")
     ctx.report["ild"] = {"tokens_seen": module.tokens_seen, "layer_losses": layer_losses}
     return {"tokens_seen": module.tokens_seen}
+
+
+def _trained_student(
+    ctx: Context, stage: str, trainer: L.Trainer, live: HybridForCausalLM, prefix: str, source: Path
+) -> HybridForCausalLM:
+    """The trained student in fp32 on rank 0: the live module, or under DeepSpeed the consolidated fp32 master
+    weights of the stage's final checkpoint (ZeRO keeps bf16 or partitioned copies in the module)."""
+    if not is_deepspeed(trainer.strategy):
+        return live
+    student = _load_student(source)
+    load_consolidated(student, consolidated_state_dict(ctx.stage_dir(stage) / "checkpoints" / "last.ckpt", prefix))
+    return student
+
+
+@torch.no_grad()
+def _heldout_layer_losses(
+    ctx: Context, students: dict[str, HybridForCausalLM], module: ILDModule
+) -> dict[str, dict[str, float]]:
+    """{layer: {candidate: mean held-out ILD loss}} on rank 0, with the stage's loss settings."""
+    device = next(ctx.teacher.parameters()).device
+    probe = ILDModule(
+        {name: s.to(device) for name, s in students.items()},
+        ctx.teacher,
+        module.optim,
+        module.loss_kind,
+        module.output_weight,
+        module.mixer_weight,
+    ).eval()
+    data = DistillDataModule(ctx.data_cfg, ctx.tokenizer, "ild")
+    data.setup()
+    sums: dict[tuple[str, int], float] = {}
+    batches = 0
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        for batch in data.val_dataloader():
+            if ctx.cfg.eval.max_batches is not None and batches >= ctx.cfg.eval.max_batches:
+                break
+            batch = {k: v.to(device) for k, v in batch.items()}
+            for key, value in probe.layer_losses(batch).items():
+                sums[key] = sums.get(key, 0.0) + float(value)
+            batches += 1
+    layer_losses: dict[str, dict[str, float]] = {}
+    for (name, layer), total in sums.items():
+        layer_losses.setdefault(str(layer), {})[name] = total / max(batches, 1)
+    return layer_losses
 
 
 def stage_select(ctx: Context) -> dict:
@@ -281,7 +335,8 @@ def stage_select(ctx: Context) -> dict:
 
 
 def stage_kd(ctx: Context) -> dict:
-    student = _load_student(ctx.latest_student_dir())
+    source = ctx.latest_student_dir()
+    student = _load_student(source)
     if ctx.cfg.student.get("gradient_checkpointing", False):
         student.gradient_checkpointing_enable()
     c = ctx.cfg.kd
@@ -294,8 +349,11 @@ def stage_kd(ctx: Context) -> dict:
         chunk_tokens=c.chunk_tokens,
     )
     module = KDModule(student, ctx.teacher, _optim(c), loss)
-    _fit(ctx, "kd", module, "kd")
-    _save_student(module.student, ctx.stage_dir("kd") / "student", ctx.tokenizer)
+    trainer = _fit(ctx, "kd", module, "kd")
+    if not is_rank_zero():
+        return {}
+    trained = _trained_student(ctx, "kd", trainer, module.student, "student.", source)
+    _save_student(trained, ctx.stage_dir("kd") / "student", ctx.tokenizer)
     ctx.report["kd"] = {"tokens_seen": module.tokens_seen}
     return {"tokens_seen": module.tokens_seen}
 
@@ -317,10 +375,13 @@ def stage_dpo(ctx: Context) -> dict:
     }
     before = preference_metrics(policy, reference, loaders["val"], c.beta)
     module = DPOModule(policy, reference, _optim(c), c.beta)
-    _fit(ctx, "dpo", module, None, loaders)
-    after = preference_metrics(module.policy, reference, loaders["val"], c.beta)
+    trainer = _fit(ctx, "dpo", module, None, loaders)
+    if not is_rank_zero():
+        return {}
+    policy = _trained_student(ctx, "dpo", trainer, module.policy, "policy.", source)
+    after = preference_metrics(policy, reference.to(policy.device), loaders["val"], c.beta)
     log.info("dpo held-out: before %s, after %s", before, after)
-    _save_student(module.policy, ctx.stage_dir("dpo") / "student", ctx.tokenizer)
+    _save_student(policy, ctx.stage_dir("dpo") / "student", ctx.tokenizer)
     ctx.report["dpo"] = {
         "pairs": {"train": len(train_pairs), "held_out": len(eval_pairs)},
         "before": before,

@@ -15,7 +15,8 @@ import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
-from .checkpoint_io import AtomicCheckpointIO, checked_deepspeed_strategy
+from .checkpoint_io import AtomicCheckpointIO
+from .deepspeed_strategy import make_deepspeed_strategy
 from .faults import NonFiniteLossGuard
 from .preemption import PreemptionCheckpoint
 
@@ -30,7 +31,7 @@ def make_strategy(strategy: dict) -> Any:
 
         return DDPStrategy(start_method="spawn" if name == "ddp_spawn" else "popen", **settings)
     if name.startswith("deepspeed"):
-        return checked_deepspeed_strategy(**settings)
+        return make_deepspeed_strategy(**settings)
     raise ValueError(f"strategy.name={name!r} is invalid: auto, ddp, ddp_spawn or deepspeed_*")
 
 

@@ -173,7 +173,7 @@ def test_hub_teachers_are_not_fetched(monkeypatch):
         (["teacher.tiny.num_kv_heads=3"], ["teacher.tiny.num_kv_heads=3"]),
         (["data.seq_len=1"], ["data.seq_len=1", ">= 2"]),
         (["trainer.precision=bf17"], ["trainer.precision='bf17'", "bf16-mixed"]),
-        (["strategy=deepspeed_zero2"], ["trainer.accelerator='cpu'", "DeepSpeed"]),
+        (["strategy=deepspeed_zero2", "trainer.precision=bf16-mixed"], ["trainer.precision='bf16-mixed'", "32-true"]),
     ],
 )
 def test_mistakes_name_the_key_and_value(overrides, expected):

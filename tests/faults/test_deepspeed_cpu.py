@@ -1,0 +1,53 @@
+"""DeepSpeed ZeRO-2 of the real pipeline on 2 CPU processes (gloo; train/deepspeed_strategy.py): ILD and KD train,
+SIGUSR1 in KD writes that step's sharded checkpoint (exit 138), resuming it on one process is refused in one line
+(exit 4), on two it finishes, and the saved students are DeepSpeed's consolidated fp32 master weights."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+
+import torch
+from safetensors.torch import load_file
+
+from train.checkpoint_io import deepspeed_world_size
+from train.deepspeed_strategy import consolidated_state_dict
+
+from .conftest import REPO, cli, driver_command, last_line, small
+
+
+def test_deepspeed_zero2_on_two_cpu_processes_saves_resumes_and_consolidates(tmp_path, teacher_cache):
+    out = tmp_path / "run"
+    args = small(out, teacher_cache, "strategy=deepspeed_zero2", "trainer.log_every_n_steps=1", "stages=[init,ild,kd]")
+    fault = {"kind": "signal", "stage": "kd", "step": 2, "signal": "SIGUSR1"}
+    result = subprocess.run(
+        driver_command(fault, *args, "trainer.devices=2"), cwd=REPO, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 128 + signal.SIGUSR1, result.stderr[-4000:]
+    assert "kd: stopped by SIGUSR1" in last_line(result)
+    assert (out / "ild" / "done.json").exists() and not (out / "kd" / "done.json").exists()
+    last = out / "kd" / "checkpoints" / "last.ckpt"
+    assert last.is_dir() and deepspeed_world_size(last) == 2
+
+    # The ILD student on disk is the consolidated fp32 master state of ILD's final ZeRO checkpoint, and it trained.
+    ild_last = out / "ild" / "checkpoints" / "last.ckpt"
+    master = consolidated_state_dict(ild_last, "students.assigned.")
+    saved = load_file(out / "ild" / "student" / "model.safetensors")
+    initial = load_file(out / "init" / "student" / "model.safetensors")
+    mixer = next(k for k in master if ".mamba.in_proj.weight" in k or ".self_attn.kv_b_proj.weight" in k)
+    assert torch.equal(saved[mixer], master[mixer])
+    assert not torch.allclose(saved[mixer], initial[mixer])
+
+    result = cli(*args, "trainer.devices=1", timeout=600)
+    assert result.returncode == 4, result.stderr[-3000:]
+    assert "ZeRO checkpoint of 2 ranks, but this run has 1" in last_line(result)
+
+    result = cli(*args, "trainer.devices=2", timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert (out / "kd" / "done.json").exists()
+    losses = [line.split(",") for line in (out / "kd" / "logs" / "metrics.csv").read_text().splitlines()]
+    assert any("train/loss" in column for column in losses[0])
+    from transformers import AutoModelForCausalLM
+
+    student = AutoModelForCausalLM.from_pretrained(out / "kd" / "student", trust_remote_code=True)
+    assert all(torch.isfinite(p).all() for p in student.parameters())
