@@ -69,8 +69,9 @@ def test_training_flops_compose_forward_and_backward():
     assert ild < kd  # no lm_heads, no student trunk beyond the layers
     mamba = student.model.layers[1].mixer
     d = mamba.dims
-    assert mixer_extra_flops(mamba, context) == d.nheads * (
-        mamba.chunk_size * (d.d_state + d.headdim) + 4 * d.d_state * d.headdim
-    ) + 2 * d.conv_dim * 4
+    assert (
+        mixer_extra_flops(mamba, context)
+        == d.nheads * (mamba.chunk_size * (d.d_state + d.headdim) + 4 * d.d_state * d.headdim) + 2 * d.conv_dim * 4
+    )
     with pytest.raises(ValueError, match="stage='dpo' is invalid"):
         training_flops_per_token("dpo", teacher, [student], context)
