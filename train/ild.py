@@ -80,7 +80,8 @@ class ILDModule(DistillModule):
         total = torch.stack(list(losses.values())).sum()
         for (name, i), value in losses.items():
             self.log(f"train/ild/{name}/layer_{i}", value.detach(), on_step=True)
-        self.log("train/loss", total.detach(), on_step=True, prog_bar=True)
+        # The mean over ranks: the logged loss is the global batch's at any GPU count.
+        self.log("train/loss", total.detach(), on_step=True, prog_bar=True, sync_dist=True)
         self.log_throughput(batch)
         return total
 

@@ -48,7 +48,8 @@ class KDModule(DistillModule):
 
     def training_step(self, batch, batch_idx):
         out = self._loss(batch)
-        self.log("train/loss", out.loss.detach(), on_step=True, prog_bar=True)
+        # The mean over ranks: the logged loss is the global batch's at any GPU count.
+        self.log("train/loss", out.loss.detach(), on_step=True, prog_bar=True, sync_dist=True)
         self.log("train/kd/divergence", out.divergence.detach(), on_step=True)
         self.log("train/kd/ce", out.ce.detach(), on_step=True)
         self.log_throughput(batch)

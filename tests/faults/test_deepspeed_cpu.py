@@ -51,3 +51,36 @@ def test_deepspeed_zero2_on_two_cpu_processes_saves_resumes_and_consolidates(tmp
 
     student = AutoModelForCausalLM.from_pretrained(out / "kd" / "student", trust_remote_code=True)
     assert all(torch.isfinite(p).all() for p in student.parameters())
+
+
+def _losses(stage_dir) -> list[float]:
+    rows = (stage_dir / "logs" / "metrics.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    column = header.index("train/loss")
+    return [float(r.split(",")[column]) for r in rows[1:] if r.split(",")[column]]
+
+
+def test_two_processes_match_one_at_the_same_global_batch(tmp_path, teacher_cache):
+    """ZeRO-2 on 2 CPU processes with micro-batch 1 against 1 process with micro-batch 2: the data stream gives both
+    the same global batches, so ILD and KD losses agree step by step, up to the per-rank loss normalization (each
+    rank averages over its own tokens, DeepSpeed averages the ranks)."""
+    runs = {}
+    for devices, micro in ((2, 1), (1, 2)):
+        out = tmp_path / f"{devices}x{micro}"
+        args = small(
+            out,
+            teacher_cache,
+            "strategy=deepspeed_zero2",
+            "trainer.log_every_n_steps=1",
+            "stages=[init,ild,kd]",
+            f"data.micro_batch_size={micro}",
+            f"trainer.devices={devices}",
+        )
+        result = cli(*args, timeout=600)
+        assert result.returncode == 0, result.stderr[-4000:]
+        runs[devices] = {stage: _losses(out / stage) for stage in ("ild", "kd")}
+    for stage in ("ild", "kd"):
+        two, one = runs[2][stage], runs[1][stage]
+        assert len(two) == len(one) >= 4
+        for a, b in zip(two, one, strict=True):
+            assert abs(a - b) <= 0.02 * abs(b), (stage, two, one)
