@@ -51,7 +51,7 @@ TEACHERS = {
     "llama_3_2_3b": {**LLAMA_3_2_3B, "tie_word_embeddings": True},
     "llama_3_1_8b": {**LLAMA_3_1_8B, "tie_word_embeddings": False},
     "smoke": dict(
-        vocab_size=512,
+        vocab_size=1024,  # the embedded tokenizer's (bench.random_teacher)
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=4,
