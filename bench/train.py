@@ -39,6 +39,7 @@ from models.init.student_config import build_student_config
 from models.sizes import LLAMA_3_1_8B, LLAMA_3_2_1B, LLAMA_3_2_3B
 from models.teacher import describe_teacher
 from train.config import compose_config, student_init_kwargs
+from train.deepspeed_strategy import offloads_optimizer
 from train.ild import ILDModule
 from train.kd import KDModule
 from train.losses import KDLossConfig
@@ -143,7 +144,7 @@ class TeacherCE(L.LightningModule):
         return self.model(**teacher_inputs(batch, self.model), labels=batch["labels"]).loss
 
     def configure_optimizers(self) -> dict:
-        return adamw_cosine(list(self.parameters()), **OPTIM)
+        return adamw_cosine(list(self.parameters()), **OPTIM, cpu_offload=offloads_optimizer(self.trainer.strategy))
 
     def flops_per_token(self, context: float) -> int:
         return training_flops_per_token("teacher_ce", self.model, [], context)

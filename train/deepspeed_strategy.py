@@ -89,6 +89,14 @@ def is_deepspeed(strategy: Any) -> bool:
     return isinstance(strategy, DeepSpeedStrategy)
 
 
+def offloads_optimizer(strategy: Any) -> bool:
+    """Whether a DeepSpeed strategy keeps the optimizer state in CPU (or NVMe) memory (ZeRO-Offload)."""
+    if not is_deepspeed(strategy):
+        return False
+    offload = strategy.config.get("zero_optimization", {}).get("offload_optimizer") or {}
+    return offload.get("device", "none") != "none"
+
+
 def is_zero3(param: torch.Tensor) -> bool:
     """Whether ZeRO-3 manages `param` (partitioned or persistent, it then carries DeepSpeed's `ds_id`)."""
     return hasattr(param, "ds_id")

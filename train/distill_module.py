@@ -11,6 +11,7 @@ from transformers import PreTrainedModel
 
 from models.flops import attention_context
 
+from .deepspeed_strategy import offloads_optimizer
 from .optim import adamw_cosine
 
 
@@ -42,6 +43,7 @@ class DistillModule(L.LightningModule):
             o["warmup_steps"],
             o["max_steps"],
             o["min_lr_ratio"],
+            cpu_offload=offloads_optimizer(self.trainer.strategy),
         )
 
     def on_train_batch_start(self, batch, batch_idx) -> None:

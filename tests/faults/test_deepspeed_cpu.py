@@ -84,3 +84,17 @@ def test_two_processes_match_one_at_the_same_global_batch(tmp_path, teacher_cach
         assert len(two) == len(one) >= 4
         for a, b in zip(two, one, strict=True):
             assert abs(a - b) <= 0.02 * abs(b), (stage, two, one)
+
+
+def test_zero3_offload_trains_with_deepspeed_cpu_adam(tmp_path, teacher_cache):
+    """deepspeed_zero3_offload (parameters and optimizer state in CPU memory) on 2 processes: DeepSpeed refuses
+    torch's optimizers under ZeRO-Offload, so the stages must hand it its CPU Adam; KD trains and the consolidated
+    student moves away from the initialized one."""
+    out = tmp_path / "run"
+    args = small(out, teacher_cache, "strategy=deepspeed_zero3_offload", "stages=[init,kd]", "trainer.devices=2")
+    result = cli(*args, timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    trained = load_file(out / "kd" / "student" / "model.safetensors")
+    initial = load_file(out / "init" / "student" / "model.safetensors")
+    changed = [k for k in initial if not torch.allclose(trained[k], initial[k])]
+    assert len(changed) > len(initial) // 2, f"{len(changed)} of {len(initial)} tensors changed"
