@@ -5,13 +5,15 @@
 # loads and generates; then ZeRO-2 on 1 GPU at the same global batch, whose losses bench/compare_losses.py checks.
 #   bash bench/run_pipeline_gpu.sh [work dir]
 # SIZE, TRAINER, SEQ and MICRO override the teacher size, trainer group, sequence length and micro-batch
-# (TRAINER=cpu SIZE=smoke SEQ=128 runs the same steps on CPU processes).
+# (TRAINER=cpu SIZE=smoke SEQ=128 runs the same steps on CPU processes); STRATEGIES (default "deepspeed_zero2
+# deepspeed_zero3") and ONE_GPU=0 split the run over calls: an existing teacher and init in the work dir are reused.
 set -uo pipefail
 work=${1:-/tmp/pipeline}
 size=${SIZE:-llama_3_2_1b}
 trainer=${TRAINER:-gpu}
 seq=${SEQ:-2048}
 micro=${MICRO:-2}
+strategies=${STRATEGIES:-deepspeed_zero2 deepspeed_zero3}
 mkdir -p "$work"
 common=(
     conf=zebra_1b "teacher.name_or_path=$work/teacher" data=default "data.seq_len=$seq" "trainer=$trainer"
@@ -26,11 +28,12 @@ stages="stages=[init,ild,kd,export]"
 sigusr1='{"kind": "signal", "stage": "kd", "step": 3, "signal": "SIGUSR1"}'
 
 echo "== teacher ($size)"
-python -m bench.random_teacher --size "$size" --out "$work/teacher" || exit 1
+[[ -f $work/teacher/config.json ]] || python -m bench.random_teacher --size "$size" --out "$work/teacher" || exit 1
 echo "== init (shared by the runs below)"
-python -m train "${common[@]}" "output_dir=$work/init" "stages=[init]" >"$work/init.log" 2>&1 || exit 1
+[[ -f $work/init/init/done.json ]] ||
+    python -m train "${common[@]}" "output_dir=$work/init" "stages=[init]" >"$work/init.log" 2>&1 || exit 1
 
-for strategy in deepspeed_zero2 deepspeed_zero3; do
+for strategy in $strategies; do
     out=$work/$strategy
     rm -rf "$out" && cp -r "$work/init" "$out"
     run=("${common[@]}" "output_dir=$out" "strategy=$strategy" trainer.devices=2 "$stages")
@@ -39,6 +42,10 @@ for strategy in deepspeed_zero2 deepspeed_zero3; do
     echo "   KD checkpoint shards: $(find "$out/kd/checkpoints/last.ckpt" -name '*optim_states.pt' 2>/dev/null | wc -l)"
     python -m train "${run[@]}" >"$out.resumed.log" 2>&1
     echo "== $strategy, rerun: rc=$? (0 expected)"
+    python -c "import sys; from pathlib import Path; from bench.compare_losses import step_losses
+for stage in ('ild', 'kd'):
+    losses = step_losses(Path(sys.argv[1]) / stage)
+    print(f'   {stage} train/loss by step: ' + ', '.join(f'{s}: {v:.4f}' for s, v in sorted(losses.items())))" "$out"
     python - "$out/student" <<'PY'
 import sys
 import torch
@@ -49,6 +56,7 @@ print(f"   exported student loads: {sum(p.numel() for p in student.parameters())
 PY
 done
 
+[[ ${ONE_GPU:-1} == 1 ]] || exit 0
 out=$work/zero2_1gpu
 rm -rf "$out" && cp -r "$work/init" "$out"
 python -m train "${common[@]}" "output_dir=$out" strategy=deepspeed_zero2 trainer.devices=1 \

@@ -98,12 +98,16 @@ def build_teacher(name: str, device: torch.device, dtype: torch.dtype, trainable
 
 
 def build_student(preset: str, device: torch.device) -> HybridForCausalLM:
-    """The preset's student shape (from its own teacher's config), random weights, fp32 master weights."""
+    """The preset's student shape (from its own teacher's config), random weights, fp32 master weights, with the
+    preset's activation checkpointing (student.gradient_checkpointing, as train/pipeline.py applies it)."""
     name = "smoke" if preset == "smoke" else PRESET_TEACHER[preset]
     spec = describe_teacher(LlamaConfig(**TEACHERS[name], architectures=["LlamaForCausalLM"]))
     config = build_student_config(spec, **student_settings(preset))
     with torch.device(device):
-        return HybridForCausalLM(config)
+        student = HybridForCausalLM(config)
+    if preset != "smoke" and compose_config([f"conf={preset}"]).student.get("gradient_checkpointing", False):
+        student.gradient_checkpointing_enable()
+    return student
 
 
 class SyntheticPacked(Dataset):

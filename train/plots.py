@@ -12,15 +12,16 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 
 def _read_metrics(path: Path) -> dict[str, list[tuple[float, float]]]:
-    series: dict[str, list[tuple[float, float]]] = {}
+    """{metric: [(step, value)]} by step; a step logged twice (replayed after a resume) keeps its last value."""
+    series: dict[str, dict[float, float]] = {}
     with open(path) as handle:
         for row in csv.DictReader(handle):
             step = row.get("step")
             for key, value in row.items():
                 if key in ("step", "epoch") or not value or not step:
                     continue
-                series.setdefault(key, []).append((float(step), float(value)))
-    return series
+                series.setdefault(key, {})[float(step)] = float(value)
+    return {key: sorted(values.items()) for key, values in series.items()}
 
 
 def plot_losses(run_dir: Path, target: Path) -> Path | None:

@@ -92,6 +92,12 @@ class PreemptionCheckpoint(L.Callback):
             "%s: %s received, writing the checkpoint of step %d", stage_name(trainer), name, trainer.global_step
         )
         path = save_last(trainer)
+        # This step's metrics reach the loggers only after on_train_batch_end, which the raise skips: log them here
+        # (Lightning's own two calls, in its order), then flush rows still buffered (the CSV writer's 100 steps).
+        trainer._logger_connector.on_batch_end()
+        trainer._logger_connector.update_train_step_metrics()
+        for logger in trainer.loggers:
+            logger.save()
         raise Preempted(
             f"{stage_name(trainer)}: stopped by {name} after step {trainer.global_step}; checkpoint {path}. "
             "Rerun the same command to resume",

@@ -13,9 +13,9 @@ from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger
 
 from .checkpoint_io import AtomicCheckpointIO
+from .csv_log import ResumableCSVLogger
 from .deepspeed_strategy import make_deepspeed_strategy
 from .faults import NonFiniteLossGuard
 from .preemption import PreemptionCheckpoint
@@ -44,7 +44,7 @@ def make_logger(logger: dict, stage_dir: Path, run_name: str) -> Any:
     kind = logger.get("kind", "csv")
     if kind == "none":
         return False
-    csv = CSVLogger(save_dir=str(stage_dir), name="logs", version="")
+    csv = ResumableCSVLogger(save_dir=str(stage_dir), name="logs", version="")
     if kind == "csv":
         return csv
     if kind == "wandb":

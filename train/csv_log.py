@@ -1,0 +1,37 @@
+"""The per-stage CSV metrics log (`<stage>/logs/metrics.csv`), kept across resumes.
+
+Lightning's CSVLogger deletes an existing metrics.csv when a new Trainer starts in the same folder, so a resumed
+stage would lose the history before the interruption (and the loss plot with it). This writer appends instead.
+Steps between the last checkpoint and a crash are logged again after the resume: readers keep the last row of a
+step (train/plots.py, bench/compare_losses.py).
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.loggers.logger import rank_zero_experiment
+
+
+class AppendingExperimentWriter(ExperimentWriter):
+    def __init__(self, log_dir: str) -> None:
+        super().__init__(log_dir)
+        if os.path.isfile(self.metrics_file_path):  # continue the columns of the earlier run's rows
+            with open(self.metrics_file_path, newline="") as handle:
+                self.metrics_keys = sorted(next(csv.reader(handle), []))
+
+    def _check_log_dir_exists(self) -> None:
+        """Keep the earlier run's metrics.csv (the base class deletes it)."""
+
+
+class ResumableCSVLogger(CSVLogger):
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> AppendingExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = AppendingExperimentWriter(log_dir=self.log_dir)
+        return self._experiment
