@@ -38,7 +38,7 @@ for strategy in $strategies; do
     rm -rf "$out" && cp -r "$work/init" "$out"
     run=("${common[@]}" "output_dir=$out" "strategy=$strategy" trainer.devices=2 "$stages")
     python -m tests.faults.driver "$sigusr1" "${run[@]}" >"$out.interrupted.log" 2>&1
-    echo "== $strategy, 2 GPUs, SIGUSR1 in KD step 3: rc=$? (138 expected), $(tail -1 "$out.interrupted.log")"
+    echo "== $strategy, 2 GPUs, SIGUSR1 in KD step 3: rc=$? (138 expected), $(grep -m1 '^error:' "$out.interrupted.log")"
     echo "   KD checkpoint shards: $(find "$out/kd/checkpoints/last.ckpt" -name '*optim_states.pt' 2>/dev/null | wc -l)"
     python -m train "${run[@]}" >"$out.resumed.log" 2>&1
     echo "== $strategy, rerun: rc=$? (0 expected)"
