@@ -44,6 +44,7 @@ from train.ild import ILDModule
 from train.kd import KDModule
 from train.losses import KDLossConfig
 from train.optim import adamw_cosine
+from train.sdpa_report import SDPAKernelReport
 from train.teacher_pass import trace_teacher
 from train.trainer import make_strategy
 
@@ -216,6 +217,7 @@ def trainer_run(args, stage: str, data: SyntheticPacked) -> dict | None:
         torch.cuda.set_device(device)
     module = make_module(stage, args.preset, args.teacher, device)
     timer = StepTimer(args.warmup)
+    kernels = SDPAKernelReport()  # which SDPA kernels the step runs: a math fallback shows up in the results
     strategy = {"name": args.strategy}
     if args.strategy.startswith("deepspeed"):
         strategy["stage"] = 3 if "zero3" in args.strategy else 2
@@ -233,7 +235,7 @@ def trainer_run(args, stage: str, data: SyntheticPacked) -> dict | None:
         num_sanity_val_steps=0,
         limit_val_batches=0,
         gradient_clip_val=1.0,
-        callbacks=[timer],
+        callbacks=[timer, kernels],
     )
     trainer.fit(module, data.loader(args.micro_batch))
     if trainer.global_rank != 0:
@@ -257,6 +259,7 @@ def trainer_run(args, stage: str, data: SyntheticPacked) -> dict | None:
         "achieved_tflops_per_gpu": flops * tokens / step / 1e12,
         "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
         "steps_timed": len(timer.steps),
+        "sdpa_kernels_first_step": kernels.kernels,
     }
     return result
 

@@ -19,6 +19,7 @@ from .csv_log import ResumableCSVLogger
 from .deepspeed_strategy import make_deepspeed_strategy
 from .faults import NonFiniteLossGuard
 from .preemption import PreemptionCheckpoint
+from .sdpa_report import SDPAKernelReport
 
 
 def make_strategy(strategy: dict) -> Any:
@@ -80,7 +81,7 @@ def make_trainer(
     )
     args = {k: v for k, v in trainer_cfg.items() if k not in ("gradient_checkpointing",)}
     extra = list(extra_callbacks or [])
-    defaults = [NonFiniteLossGuard(**(faults or {})), PreemptionCheckpoint()]
+    defaults = [NonFiniteLossGuard(**(faults or {})), PreemptionCheckpoint(), SDPAKernelReport()]
     extra += [d for d in defaults if not any(isinstance(c, type(d)) for c in extra)]
     trainer = L.Trainer(
         default_root_dir=str(stage_dir),
