@@ -6,7 +6,8 @@ ZeRO checkpoint (as the pipeline does) are the gradients, compared tensor by ten
 bury small gradients under fp32 rounding of the weights, or reduce them to their signs). Every row has the same
 documents and no padding, so both ranks average over as many tokens and the mean of the ranks' losses is the loss
 of the whole batch. Every parameter is partitioned (no persistence threshold), the student has both mixers, and KD
-runs with tied and with separate embeddings (the KD loss reads the lm_head weight outside any module forward).
+runs with tied and with separate embeddings (the KD loss reads the lm_head weight outside any module forward) and
+with activation checkpointing (zebra_8b's setting: each layer's parameters gathered again for the recompute).
 
 The ZeRO-3 part runs this file as a module in a subprocess: Lightning's launcher re-executes sys.argv.
 """
@@ -79,10 +80,12 @@ def teacher() -> LlamaForCausalLM:
     return LlamaForCausalLM(config).eval()
 
 
-def student(tied: bool = True) -> HybridForCausalLM:
+def student(tied: bool = True, checkpointed: bool = False) -> HybridForCausalLM:
     torch.manual_seed(2)
     model = tiny_model(mixers=("mla", "mamba"), tie_word_embeddings=tied)
     assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied
+    if checkpointed:
+        model.gradient_checkpointing_enable()
     return model
 
 
@@ -105,6 +108,7 @@ def modules() -> dict[str, tuple[ILDModule | KDModule, str]]:
         "ild": (GradILD({"assigned": student()}, teacher(), OPTIM), "students.assigned."),
         "kd": (GradKD(student(), teacher(), OPTIM, KD_LOSS), "student."),
         "kd_untied": (GradKD(student(tied=False), teacher(), OPTIM, KD_LOSS), "student."),
+        "kd_checkpointed": (GradKD(student(checkpointed=True), teacher(), OPTIM, KD_LOSS), "student."),
     }
 
 
