@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
+from .errors import first_line
 from .rope import SUPPORTED_ROPE_TYPES
 
 SUPPORTED_ARCHITECTURES = {
@@ -164,14 +165,9 @@ def check_weight_files(name_or_path: str, required: bool = True) -> None:
                 handle.keys()
         except Exception as e:  # SafetensorError (header damaged or the file shorter than its header says)
             raise TeacherLoadError(
-                f"teacher.name_or_path={name_or_path!r}: {shard.name} is damaged ({_first_line(e)}); download or "
+                f"teacher.name_or_path={name_or_path!r}: {shard.name} is damaged ({first_line(e)}); download or "
                 "copy it again"
             ) from e
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0][:300] if text else type(error).__name__
 
 
 def load_teacher_config(name_or_path: str, trust_remote_code: bool = False) -> PretrainedConfig:
@@ -202,7 +198,7 @@ def load_teacher(
         )
     except Exception as e:  # damaged weights, a missing shard, a download that failed: one line naming the teacher
         raise TeacherLoadError(
-            f"teacher.name_or_path={name_or_path!r}: cannot load the weights ({type(e).__name__}: {_first_line(e)})"
+            f"teacher.name_or_path={name_or_path!r}: cannot load the weights ({type(e).__name__}: {first_line(e)})"
         ) from e
     model.to(device).eval().requires_grad_(False)
     return model, spec

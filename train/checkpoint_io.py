@@ -26,6 +26,8 @@ from typing import Any
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from models.errors import first_line
+
 from .faults import CheckpointError
 
 _TMP = ".{name}.tmp-{pid}"
@@ -114,14 +116,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             raise
         except Exception as error:
             raise CheckpointError(
-                f"cannot read checkpoint {path} ({type(error).__name__}: {_first_line(error)}); it is damaged or was "
+                f"cannot read checkpoint {path} ({type(error).__name__}: {first_line(error)}); it is damaged or was "
                 "not written by this program. Move it away to resume from an earlier one, or to restart the stage"
             ) from error
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0][:300] if text else ""
 
 
 # ------------------------------------------------------------------------------------------------- resume

@@ -6,6 +6,8 @@ import math
 
 import torch
 
+from models.errors import first_line
+
 
 def adamw_cosine(
     params: list[torch.nn.Parameter],
@@ -49,5 +51,5 @@ def cpu_adamw(groups: list[dict], lr: float, betas: tuple[float, float]) -> torc
     except Exception as error:  # the op build: a C++ compiler (g++) and ninja are needed
         raise RuntimeError(
             "strategy.offload_optimizer=true needs DeepSpeed's CPU Adam op, built on first use with a C++ compiler "
-            f"(g++) and ninja; building it failed: {str(error).splitlines()[0] if str(error) else type(error).__name__}"
+            f"(g++) and ninja; building it failed: {first_line(error)}"
         ) from error
