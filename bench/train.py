@@ -18,6 +18,7 @@ Each measurement goes into `--out` (a JSON file shared by calls, keyed by what w
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import os
@@ -29,6 +30,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -77,11 +79,17 @@ OPTIM = {"lr": 1e-5, "weight_decay": 0.0, "warmup_steps": 1, "max_steps": 10_000
 # --------------------------------------------------------------------------------------------- models, data
 
 
+@functools.cache
+def preset_student(preset: str) -> DictConfig:
+    """The preset's composed `student` config group."""
+    return compose_config([f"conf={preset}"]).student
+
+
 def student_settings(preset: str) -> dict:
     """build_student_config keyword arguments of a preset's student (init-only keys dropped)."""
     if preset == "smoke":
         return SMOKE_STUDENT
-    kwargs = student_init_kwargs(compose_config([f"conf={preset}"]).student)
+    kwargs = student_init_kwargs(preset_student(preset))
     return {k: v for k, v in kwargs.items() if k not in ("rope_pairs", "conv_init")}
 
 
@@ -106,7 +114,7 @@ def build_student(preset: str, device: torch.device) -> HybridForCausalLM:
     config = build_student_config(spec, **student_settings(preset))
     with torch.device(device):
         student = HybridForCausalLM(config)
-    if preset != "smoke" and compose_config([f"conf={preset}"]).student.get("gradient_checkpointing", False):
+    if preset != "smoke" and preset_student(preset).get("gradient_checkpointing", False):
         student.gradient_checkpointing_enable()
     return student
 
