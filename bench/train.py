@@ -163,13 +163,15 @@ class TeacherCE(L.LightningModule):
         return training_flops_per_token("teacher_ce", self.model, [], context)
 
 
-def make_module(stage: str, preset: str, teacher_name: str, device: torch.device) -> L.LightningModule:
+def make_module(
+    stage: str, preset: str, teacher_name: str, device: torch.device, kd_triton: bool = True
+) -> L.LightningModule:
     if stage == "teacher_ce":
         return TeacherCE(build_teacher(teacher_name, device, torch.float32, trainable=True))
     teacher = build_teacher(teacher_name, device, torch.bfloat16 if device.type == "cuda" else torch.float32)
     student = build_student(preset, device)
     if stage == "kd":
-        return KDModule(student, teacher, OPTIM, KDLossConfig(chunk_tokens=4096))
+        return KDModule(student, teacher, OPTIM, KDLossConfig(chunk_tokens=4096, use_triton=kd_triton))
     if stage == "ild":
         return ILDModule({"assigned": student}, teacher, OPTIM, "l2")
     raise ValueError(f"stage={stage!r} is invalid: teacher_ce, kd or ild")
@@ -223,7 +225,7 @@ def trainer_run(args, stage: str, data: SyntheticPacked) -> dict | None:
     device = device or torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    module = make_module(stage, args.preset, args.teacher, device)
+    module = make_module(stage, args.preset, args.teacher, device, not args.kd_torch)
     timer = StepTimer(args.warmup)
     kernels = SDPAKernelReport()  # which SDPA kernels the step runs: a math fallback shows up in the results
     strategy = {"name": args.strategy}
@@ -275,7 +277,7 @@ def trainer_run(args, stage: str, data: SyntheticPacked) -> dict | None:
 def breakdown(args, stage: str, data: SyntheticPacked, profile: bool, module: L.LightningModule | None = None) -> dict:
     """One GPU, the module's pieces in a plain loop (bf16 autocast, AdamW as in training), timed with CUDA events."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    module = module or make_module(stage, args.preset, args.teacher, device)
+    module = module or make_module(stage, args.preset, args.teacher, device, not args.kd_torch)
     params = [p for p in module.parameters() if p.requires_grad]
     optimizer = adamw_cosine(params, **OPTIM)["optimizer"]
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
@@ -420,6 +422,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--devices", type=int, default=1)
     parser.add_argument("--strategy", default="auto", help="auto, ddp, deepspeed_zero2, deepspeed_zero3[_offload]")
+    parser.add_argument("--kd-torch", action="store_true", help="KD loss through torch ops, not the Triton kernel")
     parser.add_argument("--breakdown", action="store_true", help="also time the phases in a plain 1-GPU loop")
     parser.add_argument("--profile", action="store_true", help="with --breakdown: top CUDA kernels")
     parser.add_argument("--max-batch", action="store_true", help="search the largest micro-batch (1 GPU)")
@@ -443,7 +446,7 @@ def main() -> None:
         TEACHERS[args.teacher]["vocab_size"],
         args.doc_len,
     )
-    suffix = f"{args.teacher}/mb{args.micro_batch}"
+    suffix = f"{args.teacher}/mb{args.micro_batch}" + ("/kd_torch" if args.kd_torch else "")
     for stage in args.stages.split(","):
         if not args.skip_trainer:
             result = trainer_run(args, stage, data)

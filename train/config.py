@@ -190,6 +190,7 @@ class KDConfig:
     kl_weight: float = 1.0
     ce_weight: float = 0.0  # cross-entropy on the data's labels, added to the divergence
     chunk_tokens: int = 4096  # tokens per chunk of the vocabulary projection inside the loss (memory)
+    use_triton: bool = True  # CUDA: one fused Triton kernel per chunk (train/kd_kernel.py), else torch ops
     # A (larger) KD teacher sharing the tokenizer, e.g. meta-llama/Llama-3.1-8B-Instruct; None: `teacher`.
     teacher_name_or_path: str | None = None
     val_every_n_steps: int = 200

@@ -53,6 +53,8 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from . import kd_kernel
+
 IGNORE_INDEX = -100
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 ILD_KINDS = ("mse", "l2")
@@ -82,6 +84,8 @@ class KDLossConfig:
     ce_weight: float = 0.0  # student cross-entropy on the hard targets
     # Valid tokens per logits chunk; peak memory ~ 3-5 (chunk_tokens, V) fp32 tensors (2 GB each at 4096 x 128K).
     chunk_tokens: int = 4096
+    # CUDA logits: one fused Triton kernel per chunk (train/kd_kernel.py) when Triton is importable.
+    use_triton: bool = True
 
     def __post_init__(self) -> None:
         self.validate()
@@ -101,6 +105,8 @@ class KDLossConfig:
         _check_weight(f"{key}.ce_weight", self.ce_weight)
         if isinstance(self.chunk_tokens, bool) or not isinstance(self.chunk_tokens, int) or self.chunk_tokens < 1:
             _fail(f"{key}.chunk_tokens", self.chunk_tokens, "an integer >= 1")
+        if not isinstance(self.use_triton, bool):
+            _fail(f"{key}.use_triton", self.use_triton, "True or False")
 
     @property
     def resolved_divergence(self) -> str:
@@ -279,8 +285,26 @@ def _chunk_terms(student, teacher, targets, cfg: KDLossConfig, coefs, dtype: tor
     """One chunk of n valid tokens. `student` / `teacher` = (hidden (n, D), weight, bias) in their matmul dtype.
 
     Returns per-token D (with T^2), CE and top-1 agreement, and, when `coefs` = (div_coef, ce_coef) is given,
-    d(loss)/dz = div_coef * dD/d(z / T) + ce_coef * dCE/dz for the student logits z (n, V). Each (n, V)
-    tensor is dropped as soon as it is used: at most 3 live (4 for JSD, one more with the CE gradient)."""
+    d(loss)/dz = div_coef * dD/d(z / T) + ce_coef * dCE/dz for the student logits z (n, V), or None.
+    CUDA logits go through the fused Triton kernel (train/kd_kernel.py), everything else through the torch
+    twin below; both give the same values."""
+    if cfg.use_triton and student[0].is_cuda and dtype == torch.float32 and kd_kernel.triton_available():
+        div, ce, agree, grad = kd_kernel.kd_chunk_fused(
+            F.linear(*student),  # (n, V) in the matmul dtype; the kernel overwrites it with the gradient
+            F.linear(*teacher),
+            targets,
+            cfg.resolved_divergence,
+            float(cfg.jsd_beta),
+            float(cfg.temperature),
+            coefs,
+        )
+        return div * cfg.t2_factor, ce, agree.bool(), grad
+    return _chunk_terms_torch(student, teacher, targets, cfg, coefs, dtype)
+
+
+def _chunk_terms_torch(student, teacher, targets, cfg: KDLossConfig, coefs, dtype: torch.dtype):
+    """`_chunk_terms` with the softmaxes in `dtype`. Each (n, V) tensor is dropped as soon as it is used: at
+    most 3 live (4 for JSD, one more with the CE gradient)."""
     temp = float(cfg.temperature)
     need_ce_grad = coefs is not None and coefs[1] != 0
     rows = torch.arange(targets.shape[0], device=targets.device)

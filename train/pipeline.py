@@ -347,6 +347,7 @@ def stage_kd(ctx: Context) -> dict:
         kl_weight=c.kl_weight,
         ce_weight=c.ce_weight,
         chunk_tokens=c.chunk_tokens,
+        use_triton=c.use_triton,
     )
     module = KDModule(student, ctx.teacher, _optim(c), loss)
     trainer = _fit(ctx, "kd", module, "kd")

@@ -1,0 +1,214 @@
+"""Fused KD chunk: divergence, CE, agreement and the student-logit gradient in one Triton kernel.
+
+The pure-torch twin is `train.losses._chunk_terms_torch`; `tests/train/test_kd_kernel.py` (CPU, Triton's
+interpreter) and `tests/gpu/test_kernels_gpu.py` hold this kernel to it.
+
+Why: the torch path turns each (n, V) logits chunk into fp32 and then runs ~10 elementwise passes over it
+(softmaxes, exps, products, casts): at V = 128K that is ~20 GB of memory traffic per 4096-token chunk, more
+GPU time than the four lm_head matmuls around it. Here one program per row streams the bf16 logits of both
+models: pass 1 finds the maxima, log-sum-exps and argmaxes online; pass 2 sums the divergence (and, for
+forward KL, writes the gradient); pass 3 writes the gradient for reverse KL and JSD, whose gradients need
+the row's divergence first. The gradient overwrites the student logits in place (it is cast to their dtype
+for the backward matmuls anyway), so the chunk needs no fp32 (n, V) tensor at all. Arithmetic is fp32.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import cache
+
+import torch
+
+KINDS = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2}
+
+
+try:  # module level: Triton's interpreter patches the `tl` it finds in the kernel's globals
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = tl = None
+
+
+def _kd_chunk_kernel(
+    z_ptr,  # (n, V) student logits; overwritten with d(loss)/dz when WRITE_GRAD
+    zt_ptr,  # (n, V) teacher logits
+    target_ptr,  # (n,) int64
+    div_ptr,  # (n,) fp32: per-token divergence (no T^2)
+    ce_ptr,  # (n,) fp32: student CE at T = 1
+    agree_ptr,  # (n,) fp32: 1 where the argmaxes agree
+    V,
+    stride_z,
+    stride_zt,
+    inv_temp,
+    log_beta,
+    log_1m_beta,
+    beta,
+    div_coef,
+    ce_coef,
+    KIND: tl.constexpr,  # 0 forward KL, 1 reverse KL, 2 JSD
+    WRITE_GRAD: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    z_row = z_ptr + row * stride_z
+    zt_row = zt_ptr + row * stride_zt
+    target = tl.load(target_ptr + row)
+    cols = tl.arange(0, BLOCK)
+    neg_inf = float("-inf")
+
+    # Pass 1: online max and sum of exp for z (T = 1, CE), z / T and zt / T; argmax of z and zt.
+    m1 = neg_inf
+    s1 = 0.0
+    mq = neg_inf
+    sq = 0.0
+    mp = neg_inf
+    sp = 0.0
+    best_z = neg_inf
+    arg_z = 0
+    best_t = neg_inf
+    arg_t = 0
+    for start in range(0, V, BLOCK):
+        idx = start + cols
+        mask = idx < V
+        z = tl.load(z_row + idx, mask=mask, other=neg_inf).to(tl.float32)
+        zt = tl.load(zt_row + idx, mask=mask, other=neg_inf).to(tl.float32)
+        tile_max = tl.max(z, 0)
+        tile_arg = tl.argmax(z, 0)
+        if tile_max > best_z:  # strict: the first maximum wins, as torch.argmax
+            best_z = tile_max
+            arg_z = start + tile_arg
+        tile_max_t = tl.max(zt, 0)
+        tile_arg_t = tl.argmax(zt, 0)
+        if tile_max_t > best_t:
+            best_t = tile_max_t
+            arg_t = start + tile_arg_t
+        new_m1 = tl.maximum(m1, tile_max)
+        s1 = s1 * tl.exp(m1 - new_m1) + tl.sum(tl.exp(z - new_m1), 0)
+        m1 = new_m1
+        zq = z * inv_temp
+        new_mq = tl.maximum(mq, tile_max * inv_temp)
+        sq = sq * tl.exp(mq - new_mq) + tl.sum(tl.exp(zq - new_mq), 0)
+        mq = new_mq
+        zp = zt * inv_temp
+        new_mp = tl.maximum(mp, tile_max_t * inv_temp)
+        sp = sp * tl.exp(mp - new_mp) + tl.sum(tl.exp(zp - new_mp), 0)
+        mp = new_mp
+    lse1 = m1 + tl.log(s1)
+    lseq = mq + tl.log(sq)
+    lsep = mp + tl.log(sp)
+    z_target = tl.load(z_row + target).to(tl.float32)
+    tl.store(ce_ptr + row, lse1 - z_target)
+    tl.store(agree_ptr + row, (arg_z == arg_t).to(tl.float32))
+
+    # Pass 2: the divergence; forward KL's gradient q - p needs nothing more, so it is written here.
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    acc_qm = tl.zeros([BLOCK], dtype=tl.float32)  # JSD: KL(q || m), which its gradient needs
+    for start in range(0, V, BLOCK):
+        idx = start + cols
+        mask = idx < V
+        z = tl.load(z_row + idx, mask=mask, other=0.0).to(tl.float32)
+        zt = tl.load(zt_row + idx, mask=mask, other=0.0).to(tl.float32)
+        logq = z * inv_temp - lseq
+        logp = zt * inv_temp - lsep
+        q = tl.exp(logq)
+        p = tl.exp(logp)
+        if KIND == 0:
+            acc += tl.where(mask, p * (logp - logq), 0.0)
+            if WRITE_GRAD:
+                grad = div_coef * (q - p) + ce_coef * (tl.exp(z - lse1) - (idx == target).to(tl.float32))
+                tl.store(z_row + idx, grad.to(z_ptr.dtype.element_ty), mask=mask)
+        elif KIND == 1:
+            acc += tl.where(mask, q * (logq - logp), 0.0)
+        else:
+            logm = tl.maximum(logp + log_beta, logq + log_1m_beta)
+            logm = logm + tl.log(1.0 + tl.exp(-tl.abs((logp + log_beta) - (logq + log_1m_beta))))
+            acc += tl.where(mask, p * (logp - logm), 0.0)
+            acc_qm += tl.where(mask, q * (logq - logm), 0.0)
+    if KIND == 2:
+        kl_qm = tl.sum(acc_qm, 0)
+        div = beta * tl.sum(acc, 0) + (1.0 - beta) * kl_qm
+    else:
+        kl_qm = 0.0
+        div = tl.sum(acc, 0)
+    tl.store(div_ptr + row, div)
+
+    # Pass 3 (reverse KL, JSD): gradients that subtract the row's divergence.
+    if KIND != 0 and WRITE_GRAD:
+        for start in range(0, V, BLOCK):
+            idx = start + cols
+            mask = idx < V
+            z = tl.load(z_row + idx, mask=mask, other=0.0).to(tl.float32)
+            zt = tl.load(zt_row + idx, mask=mask, other=0.0).to(tl.float32)
+            logq = z * inv_temp - lseq
+            logp = zt * inv_temp - lsep
+            q = tl.exp(logq)
+            if KIND == 1:
+                grad = q * (logq - logp - div)
+            else:
+                logm = tl.maximum(logp + log_beta, logq + log_1m_beta)
+                logm = logm + tl.log(1.0 + tl.exp(-tl.abs((logp + log_beta) - (logq + log_1m_beta))))
+                grad = (1.0 - beta) * q * (logq - logm - kl_qm)
+            grad = div_coef * grad + ce_coef * (tl.exp(z - lse1) - (idx == target).to(tl.float32))
+            tl.store(z_row + idx, grad.to(z_ptr.dtype.element_ty), mask=mask)
+
+
+@cache
+def _kernel():
+    """The jitted kernel, or None without Triton. Jitted on first use, so TRITON_INTERPRET set by then counts."""
+    return None if triton is None else triton.jit(_kd_chunk_kernel)
+
+
+def triton_available() -> bool:
+    return _kernel() is not None
+
+
+def kd_chunk_fused(
+    z: torch.Tensor,
+    zt: torch.Tensor,
+    targets: torch.Tensor,
+    divergence: str,
+    beta: float,
+    temperature: float,
+    coefs: tuple[float, float] | None,
+    block: int = 4096,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Student logits z (n, V) and teacher logits zt (n, V), any float dtype, rows contiguous.
+
+    Returns per-token divergence (no T^2 factor), CE at T = 1 and top-1 agreement, all fp32 (n,), and, when
+    `coefs` = (div_coef, ce_coef) is given, d(loss)/dz = div_coef * dD/d(z / T) + ce_coef * dCE/dz written
+    into z's storage (z itself is returned); None otherwise. `divergence` is the resolved one: "jsd" needs
+    0 < beta < 1."""
+    kernel = _kernel()
+    if kernel is None:
+        raise RuntimeError("kd_chunk_fused needs Triton (pip install triton); the torch path needs nothing")
+    if z.shape != zt.shape or z.stride(-1) != 1 or zt.stride(-1) != 1:
+        raise ValueError(f"kd_chunk_fused: z {tuple(z.shape)} and zt {tuple(zt.shape)} must match, rows contiguous")
+    n, vocab = z.shape
+    div, ce, agree = (torch.empty(n, dtype=torch.float32, device=z.device) for _ in range(3))
+    kind = KINDS[divergence]
+    if kind == 2 and not 0 < beta < 1:
+        raise ValueError(f"kd_chunk_fused: jsd needs 0 < beta < 1, got {beta} (0 / 1 resolve to forward / reverse KL)")
+    div_coef, ce_coef = coefs if coefs is not None else (0.0, 0.0)
+    if n > 0:
+        kernel[(n,)](
+            z,
+            zt,
+            targets.contiguous(),
+            div,
+            ce,
+            agree,
+            vocab,
+            z.stride(0),
+            zt.stride(0),
+            1.0 / float(temperature),
+            math.log(beta) if kind == 2 else 0.0,
+            math.log1p(-beta) if kind == 2 else 0.0,
+            float(beta),
+            float(div_coef),
+            float(ce_coef),
+            KIND=kind,
+            WRITE_GRAD=coefs is not None,
+            BLOCK=block,
+            num_warps=8 if block >= 2048 else 4,
+        )
+    return div, ce, agree, (z if coefs is not None else None)
