@@ -36,6 +36,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from data.batch import collate_rows, teacher_inputs
 from models import HybridForCausalLM
+from models.compile import set_compile
 from models.flops import attention_context, training_flops_per_token
 from models.init.student_config import build_student_config
 from models.sizes import LLAMA_3_1_8B, LLAMA_3_2_1B, LLAMA_3_2_3B
@@ -422,6 +423,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--devices", type=int, default=1)
     parser.add_argument("--strategy", default="auto", help="auto, ddp, deepspeed_zero2, deepspeed_zero3[_offload]")
+    parser.add_argument("--compile", action="store_true", help="student.compile: torch.compile norms, MLP act, conv")
     parser.add_argument("--kd-torch", action="store_true", help="KD loss through torch ops, not the Triton kernel")
     parser.add_argument("--breakdown", action="store_true", help="also time the phases in a plain 1-GPU loop")
     parser.add_argument("--profile", action="store_true", help="with --breakdown: top CUDA kernels")
@@ -446,7 +448,9 @@ def main() -> None:
         TEACHERS[args.teacher]["vocab_size"],
         args.doc_len,
     )
+    set_compile(args.compile)
     suffix = f"{args.teacher}/mb{args.micro_batch}" + ("/kd_torch" if args.kd_torch else "")
+    suffix += "/compiled" if args.compile else ""
     for stage in args.stages.split(","):
         if not args.skip_trainer:
             result = trainer_run(args, stage, data)

@@ -16,12 +16,18 @@ from transformers.activations import ACT2FN
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from .cache import HybridCache
+from .compile import compiled_in_training
 from .config import HybridConfig
 from .documents import Documents, documents_from_positions, positions_from_attention_mask
 from .mamba2 import Mamba2
 from .mla import MLA
 from .norm import GatedRMSNorm, RMSNorm
 from .rope import rope_cos_sin, rope_inv_freq
+
+
+@compiled_in_training
+def silu_gate(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
 
 
 class MLP(nn.Module):
@@ -34,9 +40,11 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(h, i, bias=bias)
         self.down_proj = nn.Linear(i, h, bias=bias)
         self.act_fn = ACT2FN[config.hidden_act]
+        self.silu = config.hidden_act == "silu"  # Llama, Qwen, Mistral: a compilable function (models/compile.py)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(silu_gate(gate, up) if self.silu else self.act_fn(gate) * up)
 
 
 class HybridDecoderLayer(nn.Module):

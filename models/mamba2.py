@@ -16,12 +16,30 @@ import torch.nn.functional as F
 from torch import nn
 
 from .cache import MambaLayerCache
-from .config import HybridConfig
+from .compile import compiled_in_training
+from .config import HybridConfig, MambaDims
 from .conv import causal_conv1d, causal_conv1d_step
 from .documents import Documents
 from .kernels import triton_chunk_scan, triton_state_update
 from .norm import GatedRMSNorm
 from .ssd import selective_state_update_ref, ssd_chunk_scan_ref
+
+
+def split_xbc(xbc: torch.Tensor, d: MambaDims) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(..., conv_dim) -> x (..., nheads, P), B and C (..., c_groups, N), repeated to kernel shapes."""
+    x, b, c = torch.split(xbc, [d.x_heads * d.headdim, d.b_groups * d.d_state, d.c_groups * d.d_state], dim=-1)
+    x = x.unflatten(-1, (d.x_heads, d.headdim)).repeat_interleave(d.nheads // d.x_heads, dim=-2)
+    b = b.unflatten(-1, (d.b_groups, d.d_state)).repeat_interleave(d.c_groups // d.b_groups, dim=-2)
+    c = c.unflatten(-1, (d.c_groups, d.d_state))
+    return x, b, c
+
+
+@compiled_in_training
+def conv_silu_split(xbc, weight, bias, seq_idx, initial_state, dims: MambaDims):
+    """xbc (B, T, conv_dim) -> x, B, C of `split_xbc` after the document-masked conv and SiLU, and the conv
+    state. One function so that torch.compile fuses the conv's masked taps, the SiLU and the head repeats."""
+    conv_out, conv_state = causal_conv1d(xbc.transpose(1, 2), weight, bias, seq_idx, initial_state)
+    return (*split_xbc(F.silu(conv_out.transpose(1, 2)), dims), conv_state)
 
 
 class Mamba2(nn.Module):
@@ -49,15 +67,6 @@ class Mamba2(nn.Module):
         self.norm = GatedRMSNorm(dims.d_inner, eps=1e-5, groups=m.norm_groups, norm_before_gate=m.norm_before_gate)
         self.out_proj = nn.Linear(dims.d_inner, config.hidden_size, bias=m.out_proj_bias)
 
-    def _split_xbc(self, xbc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(..., conv_dim) -> x (..., nheads, P), B and C (..., c_groups, N), repeated to kernel shapes."""
-        d = self.dims
-        x, b, c = torch.split(xbc, [d.x_heads * d.headdim, d.b_groups * d.d_state, d.c_groups * d.d_state], dim=-1)
-        x = x.unflatten(-1, (d.x_heads, d.headdim)).repeat_interleave(d.nheads // d.x_heads, dim=-2)
-        b = b.unflatten(-1, (d.b_groups, d.d_state)).repeat_interleave(d.c_groups // d.b_groups, dim=-2)
-        c = c.unflatten(-1, (d.c_groups, d.d_state))
-        return x, b, c
-
     def _triton(self, getter, tensor: torch.Tensor):
         return getter() if (self.use_triton and tensor.is_cuda) else None
 
@@ -73,14 +82,14 @@ class Mamba2(nn.Module):
             if length == 1:
                 return self._step(z, xbc, dt, cache)
         seq_idx = None if docs.single_document else docs.seq_idx
-        conv_out, conv_state = causal_conv1d(
-            xbc.transpose(1, 2),
+        x, b, c, conv_state = conv_silu_split(  # (B, T, H, P), (B, T, G, N) x2
+            xbc,
             self.conv1d.weight[:, 0, :],
             self.conv1d.bias,
-            seq_idx=seq_idx,
-            initial_state=cache.conv_state if cache is not None and docs.past_len > 0 else None,
+            seq_idx,
+            cache.conv_state if cache is not None and docs.past_len > 0 else None,
+            d,
         )
-        x, b, c = self._split_xbc(F.silu(conv_out.transpose(1, 2)))  # (B, T, H, P), (B, T, G, N) x2
         initial = cache.ssm_state if cache is not None and docs.past_len > 0 else None
         scan = self._triton(triton_chunk_scan, hidden) or ssd_chunk_scan_ref
         result = scan(
@@ -110,7 +119,7 @@ class Mamba2(nn.Module):
         """One token per row: conv and SSM states advance in place."""
         d = self.dims
         xbc = F.silu(causal_conv1d_step(xbc[:, 0], cache.conv_state, self.conv1d.weight[:, 0, :], self.conv1d.bias))
-        x, b, c = self._split_xbc(xbc)  # (B, H, P), (B, G, N), (B, G, N)
+        x, b, c = split_xbc(xbc, d)  # (B, H, P), (B, G, N), (B, G, N)
         # softplus and the dt limits in torch (mamba-ssm's step kernel has no limits), identical to the scan.
         dt = F.softplus(dt[:, 0].float() + self.dt_bias.float())
         if self.dt_limit != (0.0, float("inf")):

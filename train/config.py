@@ -142,6 +142,8 @@ class StudentConfig:
     mla: MLASettings = field(default_factory=MLASettings)
     mamba: MambaSettings = field(default_factory=MambaSettings)
     gradient_checkpointing: bool = False  # recompute each student block in backward (memory for compute)
+    # torch.compile RMSNorm, the MLP activation and Mamba2's conv for CUDA training steps (models/compile.py)
+    compile: bool = False
 
 
 # --------------------------------------------------------------------------------------------- training

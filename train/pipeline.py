@@ -28,6 +28,7 @@ from data.config import DataConfig, SourceConfig
 from data.datamodule import DistillDataModule
 from data.preferences import collate_pairs, preference_splits
 from models import HybridForCausalLM, student_cache_bytes, teacher_cache_bytes
+from models.compile import set_compile
 from models.init import convert_teacher
 from models.select import num_mla_for_budget, sensitivity_from_ild, smart_select
 from models.teacher import TeacherSpec, load_teacher
@@ -92,6 +93,7 @@ def run(cfg: DictConfig, callbacks: dict[str, list] | None = None) -> dict:
     out = Path(cfg.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True)
+    set_compile(bool(cfg.student.get("compile", False)))  # CUDA training steps only (models/compile.py)
     data_cfg = DataConfig.from_dict(_container(cfg.data))
     teacher_path = str(cfg.teacher.name_or_path)
     if teacher_path == "tiny":

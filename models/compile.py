@@ -1,0 +1,47 @@
+"""torch.compile for the memory-bound pieces of a block: RMSNorm, the gated MLP's activation, Mamba2's conv.
+
+Eager PyTorch runs each of these as a chain of elementwise kernels that read and write the whole activation
+(RMSNorm's fp32 upcast, pow, mean, rsqrt and two multiplies, ~10 more in backward; the document-masked conv's
+four masked multiply-adds). Inductor fuses each into one kernel per direction. Only these pure functions are
+compiled (fullgraph, so anything untraceable fails loudly), never mamba-ssm's Triton scan or a whole layer.
+
+Off unless `set_compile(True)` (the pipeline does it for `student.compile=true`); then only where it pays and
+is safe: tensors on the enabled devices (CUDA) while autograd records, i.e. training steps. Evaluation,
+prefill and CUDA-graph decoding stay eager, computing the same function.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+
+import torch
+
+_devices: frozenset[str] = frozenset()
+
+
+def set_compile(enabled: bool, devices: Sequence[str] = ("cuda",)) -> None:
+    """Compile the decorated functions for training steps on `devices` (tests add "cpu")."""
+    global _devices
+    _devices = frozenset(devices) if enabled else frozenset()
+
+
+def compile_enabled() -> bool:
+    return bool(_devices)
+
+
+def compiled_in_training(fn: Callable) -> Callable:
+    """`fn(x, ...)`, run through torch.compile when enabled, `x` is on an enabled device and grad is on."""
+    compiled = None
+
+    @functools.wraps(fn)
+    def wrapper(x: torch.Tensor, *args, **kwargs):
+        nonlocal compiled
+        if x.device.type not in _devices or not torch.is_grad_enabled():
+            return fn(x, *args, **kwargs)
+        if compiled is None:
+            compiled = torch.compile(fn, fullgraph=True, dynamic=False)
+        return compiled(x, *args, **kwargs)
+
+    wrapper.eager = fn
+    return wrapper
