@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The training benchmarks behind docs/performance.md, as run on the lent 2x H100 machine, one call per part:
-#   bash bench/run_train_h100.sh [results.json] [log folder]            # zebra_1b, ~9 minutes
+#   bash bench/run_train_h100.sh [results.json] [log folder]            # zebra_1b on 1 GPU + GPU tests, ~9 min
+#   PART=2gpu bash bench/run_train_h100.sh [results.json] [log folder]  # zebra_1b 1 vs 2 GPUs, 8B teacher, ~8 min
 #   PART=8b bash bench/run_train_h100.sh [results.json] [log folder]    # zebra_8b KD on 2x 80 GB, ~6 minutes
 # Triton's autotuning results are cached on disk, so only the first process pays for them.
 # zebra_8b: plain ZeRO-3 needs ~83 GB per GPU before activations on 2 GPUs, so the offload strategy runs first
@@ -11,6 +12,7 @@ part=${PART:-1b}
 results=${1:-bench/results/train_zebra_${part}_h100.json}
 logs=${2:-/tmp}
 export TRITON_CACHE_DIR=/tmp/triton-cache TRITON_CACHE_AUTOTUNING=1 PYTHONUNBUFFERED=1
+export TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-cache  # compiled student pieces, shared by the processes
 
 step() {  # step <seconds> <log name> <bench.train arguments...>
     local limit=$1 name=$2
@@ -30,13 +32,21 @@ if [[ $part == 8b ]]; then
     exit 0
 fi
 # One process per Trainer run: a finished DeepSpeed engine keeps its GPU memory until the process ends.
-for stage in kd teacher_ce ild; do
-    step 75 "zero2_1gpu_$stage" --preset zebra_1b --stages "$stage" --strategy deepspeed_zero2
-done
-step 130 zero2_2gpu --preset zebra_1b --stages kd --devices 2 --strategy deepspeed_zero2
-step 80 teacher8b_1gpu --preset zebra_1b --stages kd --teacher llama_3_1_8b --micro-batch 4 --strategy deepspeed_zero2
-step 100 breakdown --preset zebra_1b --stages kd,ild --skip-trainer --breakdown --profile
-step 45 max_batch --preset zebra_1b --stages kd --skip-trainer --max-batch
+# Student steps run with student.compile (--compile) and the fused KD kernel (the default), as the GPU presets do.
+if [[ $part == 2gpu ]]; then  # scaling in one call: 1 and 2 GPUs; then the 8B teacher, the largest micro-batch,
+    # and the KD loss through torch ops (the path before the fused kernel) for the breakdown comparison
+    step 110 zero2_1gpu_kd --preset zebra_1b --stages kd --strategy deepspeed_zero2 --compile
+    step 130 zero2_2gpu --preset zebra_1b --stages kd --devices 2 --strategy deepspeed_zero2 --compile
+    step 90 teacher8b_1gpu --preset zebra_1b --stages kd --teacher llama_3_1_8b --micro-batch 4 \
+        --strategy deepspeed_zero2 --compile
+    step 60 max_batch --preset zebra_1b --stages kd --skip-trainer --max-batch --compile
+    step 80 breakdown_kd_torch --preset zebra_1b --stages kd --skip-trainer --breakdown --kd-torch
+    exit 0
+fi
 echo "== GPU tests"
-timeout 150 python -m pytest -q -m gpu tests/gpu >"$logs/gpu_tests.log" 2>&1
+timeout 170 python -m pytest -q -m gpu tests/gpu >"$logs/gpu_tests.log" 2>&1
 echo "   rc=$? $(tail -1 "$logs/gpu_tests.log")"
+for stage in kd teacher_ce ild; do
+    step 100 "zero2_1gpu_$stage" --preset zebra_1b --stages "$stage" --strategy deepspeed_zero2 --compile --steps 8
+done
+step 130 breakdown --preset zebra_1b --stages kd,ild --skip-trainer --breakdown --profile --compile
