@@ -44,9 +44,9 @@ if [[ $part == 2gpu ]]; then  # scaling in one call: 1 and 2 GPUs; then the 8B t
     exit 0
 fi
 echo "== GPU tests"
-timeout 170 python -m pytest -q -m gpu tests/gpu >"$logs/gpu_tests.log" 2>&1
+timeout 150 python -m pytest -q -m gpu tests/gpu >"$logs/gpu_tests.log" 2>&1
 echo "   rc=$? $(tail -1 "$logs/gpu_tests.log")"
 for stage in kd teacher_ce ild; do
-    step 100 "zero2_1gpu_$stage" --preset zebra_1b --stages "$stage" --strategy deepspeed_zero2 --compile --steps 8
+    step 90 "zero2_1gpu_$stage" --preset zebra_1b --stages "$stage" --strategy deepspeed_zero2 --compile --steps 8
 done
-step 130 breakdown --preset zebra_1b --stages kd,ild --skip-trainer --breakdown --profile --compile
+step 120 breakdown --preset zebra_1b --stages kd,ild --skip-trainer --breakdown --profile --compile
