@@ -209,6 +209,12 @@ class StepTimer(L.Callback):
         self._end = time.perf_counter()
         if trainer.global_step > self.warmup:
             self.steps.append(self._end - self._start)
+        if trainer.is_global_zero:  # progress with a clock: a run cut short by a time limit still says where
+            print(f"[{stamp()}] step {trainer.global_step}: {self._end - self._start:.2f} s", flush=True)
+
+
+def stamp() -> str:
+    return datetime.now(timezone.utc).strftime("%H:%M:%S")
 
 
 def median(values: list[float]) -> float:
@@ -226,7 +232,9 @@ def trainer_run(args, stage: str, data: SyntheticPacked) -> dict | None:
     device = device or torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    print(f"[{stamp()}] building {stage} models", flush=True)
     module = make_module(stage, args.preset, args.teacher, device, not args.kd_torch)
+    print(f"[{stamp()}] built; Trainer starts", flush=True)
     timer = StepTimer(args.warmup)
     kernels = SDPAKernelReport()  # which SDPA kernels the step runs: a math fallback shows up in the results
     strategy = {"name": args.strategy}
