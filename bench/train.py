@@ -236,7 +236,7 @@ def trainer_run(args, stage: str, data: SyntheticPacked) -> dict | None:
     module = make_module(stage, args.preset, args.teacher, device, not args.kd_torch)
     print(f"[{stamp()}] built; Trainer starts", flush=True)
     timer = StepTimer(args.warmup)
-    kernels = SDPAKernelReport()  # which SDPA kernels the step runs: a math fallback shows up in the results
+    kernels = SDPAKernelReport()  # which SDPA kernels a step runs: a math fallback shows up in the results
     strategy = {"name": args.strategy}
     if args.strategy.startswith("deepspeed"):
         strategy["stage"] = 3 if "zero3" in args.strategy else 2
@@ -278,7 +278,7 @@ def trainer_run(args, stage: str, data: SyntheticPacked) -> dict | None:
         "achieved_tflops_per_gpu": flops * tokens / step / 1e12,
         "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
         "steps_timed": len(timer.steps),
-        "sdpa_kernels_first_step": kernels.kernels,
+        "sdpa_kernels_per_step": kernels.kernels,
     }
     return result
 

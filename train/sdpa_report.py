@@ -3,8 +3,10 @@
 PyTorch picks an SDPA kernel per call (flash, memory-efficient, cuDNN, or the math reference) and falls back to
 the math kernel silently when a faster one does not take the inputs (a mask it cannot use, a head size, a dtype).
 The math kernel materializes (T x S) scores per head: slower and far more memory at 2048+ tokens. The callback
-profiles the first training step's dispatched ops (CPU activity only: cheap) and logs the kernels by name, with a
-warning naming the fix when the math kernel ran. Teacher (Hugging Face sdpa) and MLA calls are both counted.
+profiles the second training batch's dispatched ops (CPU activity only: cheap) and logs the kernels by name, with
+a warning naming the fix when the math kernel ran. Teacher (Hugging Face sdpa) and MLA calls are both counted.
+Not the first batch: that one compiles (torch.compile, Triton autotuning), and profiling those millions of
+compile-time ops took minutes on the H100; the second batch dispatches the same attention kernels.
 """
 
 from __future__ import annotations
@@ -44,10 +46,10 @@ def count_sdpa_kernels(events: Iterable[Any]) -> dict[str, int]:
 
 def report_sdpa_kernels(where: str, counts: dict[str, int]) -> None:
     if not counts:
-        log.info("%s: no scaled_dot_product_attention calls in the first step", where)
+        log.info("%s: no scaled_dot_product_attention calls in the profiled step", where)
         return
     listed = ", ".join(f"{backend} x{n}" for backend, n in sorted(counts.items()))
-    log.info("%s: attention kernels in the first step: %s", where, listed)
+    log.info("%s: attention kernels in a training step: %s", where, listed)
     if counts.get("math"):
         log.warning(
             "%s: %d attention calls fell back to PyTorch's math kernel (slow, O(T^2) memory per head): check "
@@ -59,14 +61,18 @@ def report_sdpa_kernels(where: str, counts: dict[str, int]) -> None:
 
 
 class SDPAKernelReport(L.Callback):
-    """Profiles the first training batch of a fit and reports its SDPA kernels (`kernels` keeps the counts)."""
+    """Profiles one training batch of a fit (the second by default) and reports its SDPA kernels (`kernels` keeps
+    the counts; None when the fit ended before that batch)."""
 
-    def __init__(self) -> None:
+    def __init__(self, at_batch: int = 1) -> None:
+        self.at_batch = at_batch
         self.kernels: dict[str, int] | None = None
         self._profiler: profile | None = None
+        self._batches = 0
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, idx: int) -> None:
-        if self.kernels is None and self._profiler is None:
+        self._batches += 1
+        if self._batches == self.at_batch + 1 and self.kernels is None and self._profiler is None:
             self._profiler = profile(activities=[ProfilerActivity.CPU])
             self._profiler.__enter__()
 

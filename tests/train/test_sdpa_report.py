@@ -33,13 +33,13 @@ class TinyAttention(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
-def _fit(module: L.LightningModule, tmp_path) -> SDPAKernelReport:
+def _fit(module: L.LightningModule, tmp_path, steps: int = 3) -> SDPAKernelReport:
     report = SDPAKernelReport()
     data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(6, 10, 16)), batch_size=2)
     trainer = L.Trainer(
         default_root_dir=str(tmp_path / "kd"),
         accelerator="cpu",
-        max_steps=3,
+        max_steps=steps,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -53,8 +53,8 @@ def _fit(module: L.LightningModule, tmp_path) -> SDPAKernelReport:
 def test_fused_kernel_is_reported_without_a_warning(tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="train.sdpa_report"):
         report = _fit(TinyAttention(None), tmp_path)
-    assert report.kernels == {"flash_cpu": 1}  # the first step only, one call
-    assert "kd: attention kernels in the first step: flash_cpu x1" in caplog.text
+    assert report.kernels == {"flash_cpu": 1}  # one profiled step (the second), one call
+    assert "kd: attention kernels in a training step: flash_cpu x1" in caplog.text
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
 
@@ -64,3 +64,8 @@ def test_math_fallback_is_reported_as_a_warning(tmp_path, caplog):
     assert report.kernels == {"math": 1}
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "kd: 1 attention calls fell back to PyTorch's math kernel" in warnings[0]
+
+
+def test_a_fit_shorter_than_the_profiled_step_reports_nothing(tmp_path):
+    # The first batch compiles (torch.compile, Triton autotuning): it is never the profiled one.
+    assert _fit(TinyAttention(None), tmp_path, steps=1).kernels is None
