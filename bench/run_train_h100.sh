@@ -18,7 +18,7 @@ step() {  # step <seconds> <log name> <bench.train arguments...>
     local limit=$1 name=$2
     shift 2
     echo "== $name: python -m bench.train $*"
-    timeout "$limit" python -m bench.train --out "$results" "$@" >"$logs/$name.log" 2>&1
+    timeout -k 10 "$limit" python -m bench.train --out "$results" "$@" >"$logs/$name.log" 2>&1
     echo "   rc=$? ($(grep -c . "$logs/$name.log") log lines; last: $(tail -1 "$logs/$name.log" | cut -c1-200))"
 }
 
@@ -56,8 +56,8 @@ if [[ $part == 2gpu ]]; then  # scaling in one call: 1 and 2 GPUs; then the 8B t
     gpu_tests
     exit 0
 fi
-for stage in teacher_ce kd ild; do
-    step 90 "zero2_1gpu_$stage" --preset zebra_1b --stages "$stage" --strategy deepspeed_zero2 --compile --steps 8
+for stage in kd teacher_ce ild; do
+    step 240 "zero2_1gpu_$stage" --preset zebra_1b --stages "$stage" --strategy deepspeed_zero2 --compile --steps 8
 done
 step 120 breakdown --preset zebra_1b --stages kd,ild --skip-trainer --breakdown --profile --compile
 gpu_tests
