@@ -431,7 +431,12 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--devices", type=int, default=1)
     parser.add_argument("--strategy", default="auto", help="auto, ddp, deepspeed_zero2, deepspeed_zero3[_offload]")
-    parser.add_argument("--compile", action="store_true", help="student.compile: torch.compile norms, MLP act, conv")
+    parser.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="student.compile (torch.compile of norms, MLP gate, Mamba2 conv); default: the preset's",
+    )
     parser.add_argument("--kd-torch", action="store_true", help="KD loss through torch ops, not the Triton kernel")
     parser.add_argument("--breakdown", action="store_true", help="also time the phases in a plain 1-GPU loop")
     parser.add_argument("--profile", action="store_true", help="with --breakdown: top CUDA kernels")
@@ -456,6 +461,8 @@ def main() -> None:
         TEACHERS[args.teacher]["vocab_size"],
         args.doc_len,
     )
+    if args.compile is None:
+        args.compile = args.preset != "smoke" and bool(preset_student(args.preset).get("compile", False))
     set_compile(args.compile)
     suffix = f"{args.teacher}/mb{args.micro_batch}" + ("/kd_torch" if args.kd_torch else "")
     suffix += "/compiled" if args.compile else ""
