@@ -101,6 +101,13 @@ def test_default_is_the_tiny_cpu_run():
     assert list(cfg.student.mla_layers) == [0, 2] and cfg.teacher.tiny.num_layers == 4
     assert cfg.data.sources == []  # the embedded corpus
     assert cfg.ild.max_steps + cfg.kd.max_steps <= 500  # minutes on 2 CPU cores
+    assert not cfg.student.compile and cfg.kd.use_triton
+
+
+def test_gpu_presets_compile_the_student_where_it_was_measured():
+    # docs/performance.md: measured with ZeRO-2 (zebra_1b); zebra_8b's ZeRO-3 + checkpointing is not.
+    compiled = {p: compose_config([f"conf={p}"]).student.compile for p in ("zebra_1b", "zebra_3b", "zebra_8b")}
+    assert compiled == {"zebra_1b": True, "zebra_3b": True, "zebra_8b": False}
 
 
 @pytest.mark.parametrize(
