@@ -5,7 +5,8 @@
 #   PART=8b bash bench/run_train_h100.sh [results.json] [log folder]    # zebra_8b KD on 2x 80 GB, ~6 minutes
 # Triton's autotuning results are cached on disk, so only the first process pays for them.
 # zebra_8b: plain ZeRO-3 needs ~83 GB per GPU before activations on 2 GPUs, so the offload strategy runs first
-# (DeepSpeed's CPU Adam: its C++ op is built first, about a minute); ZERO3=1 also tries plain ZeRO-3 at
+# (DeepSpeed's CPU Adam: its C++ op is built first, about a minute) with --light-autotune, so that a fresh
+# machine's Triton autotuning of the 8B shapes does not eat the time limit; ZERO3=1 also tries plain ZeRO-3 at
 # micro-batch 1, to record its out-of-memory rather than assume it.
 set -uo pipefail
 part=${PART:-1b}
@@ -36,7 +37,7 @@ if [[ $part == 8b ]]; then
     python -c "from deepspeed.ops.op_builder import CPUAdamBuilder; CPUAdamBuilder().load()" >"$logs/cpu_adam_build.log" 2>&1
     echo "   rc=$? $(date -u +%T)"
     step "${LIMIT_8B:-420}" zebra_8b_kd_zero3_offload --preset zebra_8b --stages kd --devices 2 \
-        --strategy deepspeed_zero3_offload --micro-batch 2 --steps 3 --warmup 2
+        --strategy deepspeed_zero3_offload --micro-batch 2 --steps 3 --warmup 2 --light-autotune
     if [[ ${ZERO3:-0} == 1 ]]; then  # plain ZeRO-3: expected out of memory on 2x 80 GB (docs/performance.md)
         step 150 zebra_8b_kd_zero3 --preset zebra_8b --stages kd --devices 2 --strategy deepspeed_zero3 \
             --micro-batch 1 --steps 3 --warmup 1

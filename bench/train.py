@@ -39,6 +39,7 @@ from models import HybridForCausalLM
 from models.compile import set_compile
 from models.flops import attention_context, training_flops_per_token
 from models.init.student_config import build_student_config
+from models.kernels import limit_autotune_configs
 from models.sizes import LLAMA_3_1_8B, LLAMA_3_2_1B, LLAMA_3_2_3B
 from models.teacher import describe_teacher
 from train.config import compose_config, student_init_kwargs
@@ -437,6 +438,9 @@ def main() -> None:
         default=None,
         help="student.compile (torch.compile of norms, MLP gate, Mamba2 conv); default: the preset's",
     )
+    parser.add_argument(
+        "--light-autotune", action="store_true", help="2 autotune configs per mamba-ssm kernel (fresh machines)"
+    )
     parser.add_argument("--kd-torch", action="store_true", help="KD loss through torch ops, not the Triton kernel")
     parser.add_argument("--breakdown", action="store_true", help="also time the phases in a plain 1-GPU loop")
     parser.add_argument("--profile", action="store_true", help="with --breakdown: top CUDA kernels")
@@ -464,8 +468,11 @@ def main() -> None:
     if args.compile is None:
         args.compile = args.preset != "smoke" and bool(preset_student(args.preset).get("compile", False))
     set_compile(args.compile)
+    if args.light_autotune:
+        print(f"light autotuning: {limit_autotune_configs(keep=2)} mamba-ssm configs left out", flush=True)
     suffix = f"{args.teacher}/mb{args.micro_batch}" + ("/kd_torch" if args.kd_torch else "")
     suffix += "/compiled" if args.compile else ""
+    suffix += "/light_autotune" if args.light_autotune else ""
     for stage in args.stages.split(","):
         if not args.skip_trainer:
             result = trainer_run(args, stage, data)

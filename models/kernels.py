@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import pkgutil
 import sys
 import types
 from collections.abc import Callable
@@ -68,3 +69,36 @@ def triton_state_update() -> Callable | None:
 def triton_rmsnorm_fn() -> Callable | None:
     ops = _triton_ops()
     return ops["rmsnorm"] if ops else None
+
+
+def limit_autotune_configs(keep: int = 2) -> int:
+    """Keep the `keep` lightest autotune configs of every mamba-ssm Triton kernel; returns how many were cut.
+
+    Every config computes the same function; autotuning all of them compiles ~200 kernel variants per new
+    shape and dtype, minutes on a fresh machine. The GPU tests use this (speed is not their subject), and so
+    can a short benchmark that would otherwise spend its time limit compiling (bench/train.py
+    --light-autotune, at some cost in speed). The lightest ones: a heavy config can exceed shared memory.
+    """
+    if triton_chunk_scan() is None:
+        return 0
+    import mamba_ssm.ops.triton as triton_ops
+    from triton.runtime.autotuner import Autotuner
+
+    cut = 0
+    for info in pkgutil.iter_modules(triton_ops.__path__):
+        try:
+            module = importlib.import_module(f"mamba_ssm.ops.triton.{info.name}")
+        except ImportError:
+            continue
+        for obj in vars(module).values():
+            if isinstance(obj, Autotuner) and len(obj.configs) > keep:
+                cut += len(obj.configs) - keep
+                obj.configs = sorted(obj.configs, key=_config_weight)[:keep]
+    return cut
+
+
+def _config_weight(config) -> int:
+    blocks = 1
+    for value in config.kwargs.values():
+        blocks *= value if isinstance(value, int) else 1
+    return config.num_stages * blocks
