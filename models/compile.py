@@ -40,7 +40,9 @@ def compiled_in_training(fn: Callable) -> Callable:
         if x.device.type not in _devices or not torch.is_grad_enabled():
             return fn(x, *args, **kwargs)
         if compiled is None:
-            compiled = torch.compile(fn, fullgraph=True, dynamic=False)
+            # dynamic=None: static kernels for the fixed training shapes; a batch of another shape (DPO's
+            # padded pairs, a last partial batch) recompiles once with symbolic sizes instead of per shape.
+            compiled = torch.compile(fn, fullgraph=True, dynamic=None)
         return compiled(x, *args, **kwargs)
 
     wrapper.eager = fn

@@ -1,7 +1,7 @@
 """Fused KD chunk: divergence, CE, agreement and the student-logit gradient in one Triton kernel.
 
 The pure-torch twin is `train.losses._chunk_terms_torch`; `tests/train/test_kd_kernel.py` (CPU, Triton's
-interpreter) and `tests/gpu/test_kernels_gpu.py` hold this kernel to it.
+interpreter) and `tests/gpu/test_kd_kernel_gpu.py` (compiled, 128K vocabulary) hold this kernel to it.
 
 Why: the torch path turns each (n, V) logits chunk into fp32 and then runs ~10 elementwise passes over it
 (softmaxes, exps, products, casts): at V = 128K that is ~20 GB of memory traffic per 4096-token chunk, more
