@@ -13,17 +13,23 @@ prefill and CUDA-graph decoding stay eager, computing the same function.
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Callable, Sequence
 
 import torch
+from torch._dynamo.exc import FailOnRecompileLimitHit
 
+log = logging.getLogger(__name__)
 _devices: frozenset[str] = frozenset()
+_wrappers: list[Callable] = []
 
 
 def set_compile(enabled: bool, devices: Sequence[str] = ("cuda",)) -> None:
     """Compile the decorated functions for training steps on `devices` (tests add "cpu")."""
     global _devices
     _devices = frozenset(devices) if enabled else frozenset()
+    for wrapper in _wrappers:
+        wrapper.hit_limit = False
 
 
 def compile_enabled() -> bool:
@@ -43,7 +49,23 @@ def compiled_in_training(fn: Callable) -> Callable:
             # dynamic=None: static kernels for the fixed training shapes; a batch of another shape (DPO's
             # padded pairs, a last partial batch) recompiles once with symbolic sizes instead of per shape.
             compiled = torch.compile(fn, fullgraph=True, dynamic=None)
-        return compiled(x, *args, **kwargs)
+        try:
+            return compiled(x, *args, **kwargs)
+        except FailOnRecompileLimitHit:
+            # Each new combination of dtype, requires_grad, autocast or shape adds a compiled variant; past
+            # Dynamo's recompile_limit, fullgraph raises instead of running eagerly. Run this call eagerly
+            # (same function) and say so once; variants compiled so far keep running compiled.
+            if not wrapper.hit_limit:
+                wrapper.hit_limit = True
+                log.warning(
+                    "student.compile: %s reached torch._dynamo.config.recompile_limit (%d variants); new variants "
+                    "run eagerly (raise the limit to compile them)",
+                    fn.__name__,
+                    torch._dynamo.config.recompile_limit,
+                )
+            return fn(x, *args, **kwargs)
 
     wrapper.eager = fn
+    wrapper.hit_limit = False
+    _wrappers.append(wrapper)
     return wrapper

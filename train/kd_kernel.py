@@ -14,6 +14,7 @@ for the backward matmuls anyway), so the chunk needs no fp32 (n, V) tensor at al
 
 from __future__ import annotations
 
+import contextlib
 import math
 from functools import cache
 
@@ -189,7 +190,9 @@ def kd_chunk_fused(
     if kind == 2 and not 0 < beta < 1:
         raise ValueError(f"kd_chunk_fused: jsd needs 0 < beta < 1, got {beta} (0 / 1 resolve to forward / reverse KL)")
     div_coef, ce_coef = coefs if coefs is not None else (0.0, 0.0)
-    if n > 0:
+    if n == 0:
+        return div, ce, agree, (z if coefs is not None else None)
+    with torch.cuda.device(z.device) if z.is_cuda else contextlib.nullcontext():  # Triton launches on the current one
         kernel[(n,)](
             z,
             zt,

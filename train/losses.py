@@ -27,11 +27,13 @@ gradient with respect to the student's logits in closed form (forward KL with T^
 `_divergence_`), which it immediately turns into gradients for the student hidden states, lm_head weight
 and bias (a "manual per-chunk backward": nothing of the chunk is kept for autograd and nothing is
 recomputed). The
-autograd node only multiplies those stored gradients by the incoming scalar. Peak extra memory is three
-(chunk_tokens, V) fp32 tensors for forward / reverse KL, four for JSD, one more when ce_weight > 0 (measured
-in the tests), plus an fp32 (V, D) accumulator for the weight gradient. Softmaxes run in fp32 (fp64 if the
-inputs are fp64); matmuls run in the inputs' dtype, or the autocast dtype when autocast is on, as the model's
-own lm_head would.
+autograd node only multiplies those stored gradients by the incoming scalar. On CUDA one fused Triton kernel
+(train/kd_kernel.py, `use_triton`) computes a chunk's softmaxes, divergence, CE and gradient from the two
+logit tensors in the matmul dtype, writing the gradient over the student's: peak extra memory is those two
+(chunk_tokens, V) tensors. The torch path (CPU, fp64, use_triton=False) keeps three (chunk_tokens, V) fp32
+tensors for forward / reverse KL, four for JSD, one more when ce_weight > 0 (measured in the tests). Both add
+an fp32 (V, D) accumulator for the weight gradient. Softmaxes run in fp32 (fp64 if the inputs are fp64);
+matmuls run in the inputs' dtype, or the autocast dtype when autocast is on, as the model's own lm_head would.
 
 `kd_loss_ref` is the plain full-vocabulary autograd version (same signature) and `divergence_from_logits`
 the per-token reference divergence; the tests hold the chunked path to both.
@@ -82,7 +84,8 @@ class KDLossConfig:
     scale_by_t2: bool = True  # multiply D by T^2 (Hinton), so its gradient scale does not shrink with T
     kl_weight: float = 1.0
     ce_weight: float = 0.0  # student cross-entropy on the hard targets
-    # Valid tokens per logits chunk; peak memory ~ 3-5 (chunk_tokens, V) fp32 tensors (2 GB each at 4096 x 128K).
+    # Valid tokens per logits chunk; peak memory: 2 (chunk_tokens, V) bf16 tensors with the fused kernel (1 GB
+    # each at 4096 x 128K), 3-5 fp32 ones (2 GB each) on the torch path.
     chunk_tokens: int = 4096
     # CUDA logits: one fused Triton kernel per chunk (train/kd_kernel.py) when Triton is importable.
     use_triton: bool = True
@@ -448,6 +451,12 @@ def kd_loss(
         t_weight = teacher_head_weight.detach()
         t_bias = None if teacher_head_bias is None else teacher_head_bias.detach()
     labels = targets.reshape(-1).index_select(0, valid).long()  # (N,)
+    vocab = student_head_weight.shape[0]
+    if labels.numel() and not bool(((labels >= 0) & (labels < vocab)).all()):  # one sync; nonzero() made one too
+        raise ValueError(
+            f"kd_loss: targets must be -100 or token ids in [0, {vocab}); got values in "
+            f"[{int(labels.min())}, {int(labels.max())}]"
+        )
     student = (hidden, student_head_weight, student_head_bias)
     if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in student):
         loss, div, ce, agree = _ChunkedKD.apply(*student, t_hidden, t_weight, t_bias, labels, cfg)

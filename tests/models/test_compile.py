@@ -77,3 +77,21 @@ def test_a_batch_of_another_length_still_matches_eager(compiled_on_cpu):
     assert rel_err(loss, eager_loss) < 1e-5
     for name, grad in grads.items():
         assert rel_err(grad, eager_grads[name]) < 1e-4, name
+
+
+def test_past_the_recompile_limit_new_variants_run_eagerly(compiled_on_cpu, monkeypatch, caplog):
+    # ILD (frozen norms, detached inputs), KD, DPO's lengths and dtypes each add variants; fullgraph would raise
+    # at Dynamo's recompile_limit. Here the limit is 1: the second length must still give eager's values.
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    model = tiny_model().train()
+    ids, positions = _packed_batch(model)
+    _loss_and_grads(model, ids, positions)
+    short_ids, short_positions = ids[:1, :24], positions[:1, :24]
+    with caplog.at_level("WARNING", logger="models.compile"):
+        loss, grads = _loss_and_grads(model, short_ids, short_positions)
+    assert "reached torch._dynamo.config.recompile_limit" in caplog.text
+    set_compile(False)
+    eager_loss, eager_grads = _loss_and_grads(model, short_ids, short_positions)
+    assert rel_err(loss, eager_loss) < 1e-6
+    for name, grad in grads.items():
+        assert rel_err(grad, eager_grads[name]) < 1e-6, name

@@ -36,18 +36,37 @@ def chunk_inputs(n: int, vocab: int, dtype: torch.dtype, device: str, seed: int 
     return (h.to(**to), w.to(**to), None), (h.to(**to), w_t.to(**to), None), targets
 
 
-def compare_fused_with_torch(case, n: int, vocab: int, dtype: torch.dtype, device: str, block: int) -> dict:
+def with_tied_maxima(student, teacher, columns=(5, 7, 250)):
+    """Zero head rows and a bias that make `columns` the student's exactly tied maximum in every row (inside one
+    tile and across tiles at block 128), the last of them the teacher's: the first maximum must win, as in
+    torch.argmax, so the two never agree."""
+    weight = student[1].clone()
+    weight[list(columns)] = 0.0  # logits = bias exactly, whatever the matmul's summation order
+    bias = torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device)
+    bias[list(columns)] = 30.0
+    t_bias = torch.zeros_like(bias)
+    t_bias[columns[-1]] = 30.0
+    return (student[0], weight, bias), (teacher[0], teacher[1], t_bias)
+
+
+def compare_fused_with_torch(
+    case, n: int, vocab: int, dtype: torch.dtype, device: str, block: int, ties: bool = False
+) -> dict:
     """Runs both paths on the same chunk; asserts agreement and returns the relative errors."""
     divergence, beta, temperature, kl_weight, ce_weight = case
     cfg = KDLossConfig(divergence, beta, temperature, kl_weight=kl_weight, ce_weight=ce_weight)
     coefs = (kl_weight * cfg.t2_factor / temperature / n, ce_weight / n)
     student, teacher, targets = chunk_inputs(n, vocab, dtype, device)
+    if ties:
+        student, teacher = with_tied_maxima(student, teacher)
     want = _chunk_terms_torch(student, teacher, targets, cfg, coefs, torch.float32)
     z, zt = torch.nn.functional.linear(*student), torch.nn.functional.linear(*teacher)
     div, ce, agree, grad = kd_kernel.kd_chunk_fused(
         z, zt, targets, cfg.resolved_divergence, beta, temperature, coefs, block=block
     )
     got = (div * cfg.t2_factor, ce, agree.bool(), grad)
+    if ties:
+        assert not got[2].any(), "a tie must resolve to the first maximum"
     errors = {
         name: ((got[i].double() - want[i].double()).norm() / want[i].double().norm()).item()
         for name, i in (("divergence", 0), ("ce", 1), ("grad", 3))
@@ -77,6 +96,9 @@ def run_interpreted() -> None:
     _interpreter_numpy_fix()
     for case in CASES:  # vocab 300 in tiles of 128: the last tile is partial
         print(case, compare_fused_with_torch(case, n=6, vocab=300, dtype=torch.float32, device="cpu", block=128))
+    for case in CASES[1:3]:
+        print(case, "bf16", compare_fused_with_torch(case, 6, 300, torch.bfloat16, "cpu", block=128))
+        print(case, "ties", compare_fused_with_torch(case, 6, 300, torch.float32, "cpu", block=128, ties=True))
 
     student, teacher, targets = chunk_inputs(4, 200, torch.float32, "cpu")
     z, zt = torch.nn.functional.linear(*student), torch.nn.functional.linear(*teacher)

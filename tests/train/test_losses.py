@@ -488,3 +488,12 @@ def test_kd_shape_checks():
     x, targets = _inputs(torch.float64)
     with pytest.raises(ValueError, match="must be targets"):
         kd_loss(**x, targets=targets[:, :-1], cfg=KDLossConfig())
+
+
+@pytest.mark.parametrize("bad", [V, -1])
+def test_kd_targets_outside_the_vocabulary_are_refused(bad):
+    # On GPU the fused kernel would read out of bounds instead of failing: checked once, before any chunk.
+    x, targets = _inputs(torch.float32)
+    targets[1, 2] = bad
+    with pytest.raises(ValueError, match=r"kd_loss: targets must be -100 or token ids in \[0, 50\)"):
+        kd_loss(**x, targets=targets, cfg=KDLossConfig(chunk_tokens=4))
