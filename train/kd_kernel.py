@@ -16,20 +16,54 @@ from __future__ import annotations
 
 import contextlib
 import math
-from functools import cache
 
 import torch
 
 KINDS = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2}
 
 
-try:  # module level: Triton's interpreter patches the `tl` it finds in the kernel's globals
+try:
     import triton
     import triton.language as tl
+
+    jit = triton.jit  # module level, once: TRITON_INTERPRET (the CPU test's subprocess) must be set before import
 except ImportError:
     triton = tl = None
 
+    def jit(fn):  # without Triton the functions below are never called
+        return fn
 
+
+@jit
+def _online_lse(m, s, x, x_max):
+    """One tile of a streaming log-sum-exp: running max m and sum s of exp(. - m), updated with tile x."""
+    new_m = tl.maximum(m, x_max)
+    return new_m, s * tl.exp(m - new_m) + tl.sum(tl.exp(x - new_m), 0)
+
+
+@jit
+def _tile_log_probs(z_row, zt_row, idx, mask, inv_temp, lseq, lsep):
+    """Student logits z (fp32) and the tempered log-probabilities log q, log p of one tile."""
+    z = tl.load(z_row + idx, mask=mask, other=0.0).to(tl.float32)
+    zt = tl.load(zt_row + idx, mask=mask, other=0.0).to(tl.float32)
+    return z, z * inv_temp - lseq, zt * inv_temp - lsep
+
+
+@jit
+def _log_mixture(logp, logq, log_beta, log_1m_beta):
+    """log m = log(beta p + (1 - beta) q), as a stable logaddexp."""
+    a = logp + log_beta
+    b = logq + log_1m_beta
+    return tl.maximum(a, b) + tl.log(1.0 + tl.exp(-tl.abs(a - b)))
+
+
+@jit
+def _ce_grad(z, lse1, idx, target):
+    """d CE / dz = softmax(z) - onehot(target), at T = 1."""
+    return tl.exp(z - lse1) - (idx == target).to(tl.float32)
+
+
+@jit
 def _kd_chunk_kernel(
     z_ptr,  # (n, V) student logits; overwritten with d(loss)/dz when WRITE_GRAD
     zt_ptr,  # (n, V) teacher logits
@@ -83,17 +117,9 @@ def _kd_chunk_kernel(
         if tile_max_t > best_t:
             best_t = tile_max_t
             arg_t = start + tile_arg_t
-        new_m1 = tl.maximum(m1, tile_max)
-        s1 = s1 * tl.exp(m1 - new_m1) + tl.sum(tl.exp(z - new_m1), 0)
-        m1 = new_m1
-        zq = z * inv_temp
-        new_mq = tl.maximum(mq, tile_max * inv_temp)
-        sq = sq * tl.exp(mq - new_mq) + tl.sum(tl.exp(zq - new_mq), 0)
-        mq = new_mq
-        zp = zt * inv_temp
-        new_mp = tl.maximum(mp, tile_max_t * inv_temp)
-        sp = sp * tl.exp(mp - new_mp) + tl.sum(tl.exp(zp - new_mp), 0)
-        mp = new_mp
+        m1, s1 = _online_lse(m1, s1, z, tile_max)
+        mq, sq = _online_lse(mq, sq, z * inv_temp, tile_max * inv_temp)
+        mp, sp = _online_lse(mp, sp, zt * inv_temp, tile_max_t * inv_temp)
     lse1 = m1 + tl.log(s1)
     lseq = mq + tl.log(sq)
     lsep = mp + tl.log(sp)
@@ -107,22 +133,18 @@ def _kd_chunk_kernel(
     for start in range(0, V, BLOCK):
         idx = start + cols
         mask = idx < V
-        z = tl.load(z_row + idx, mask=mask, other=0.0).to(tl.float32)
-        zt = tl.load(zt_row + idx, mask=mask, other=0.0).to(tl.float32)
-        logq = z * inv_temp - lseq
-        logp = zt * inv_temp - lsep
+        z, logq, logp = _tile_log_probs(z_row, zt_row, idx, mask, inv_temp, lseq, lsep)
         q = tl.exp(logq)
         p = tl.exp(logp)
         if KIND == 0:
             acc += tl.where(mask, p * (logp - logq), 0.0)
             if WRITE_GRAD:
-                grad = div_coef * (q - p) + ce_coef * (tl.exp(z - lse1) - (idx == target).to(tl.float32))
+                grad = div_coef * (q - p) + ce_coef * _ce_grad(z, lse1, idx, target)
                 tl.store(z_row + idx, grad.to(z_ptr.dtype.element_ty), mask=mask)
         elif KIND == 1:
             acc += tl.where(mask, q * (logq - logp), 0.0)
         else:
-            logm = tl.maximum(logp + log_beta, logq + log_1m_beta)
-            logm = logm + tl.log(1.0 + tl.exp(-tl.abs((logp + log_beta) - (logq + log_1m_beta))))
+            logm = _log_mixture(logp, logq, log_beta, log_1m_beta)
             acc += tl.where(mask, p * (logp - logm), 0.0)
             acc_qm += tl.where(mask, q * (logq - logm), 0.0)
     if KIND == 2:
@@ -138,29 +160,18 @@ def _kd_chunk_kernel(
         for start in range(0, V, BLOCK):
             idx = start + cols
             mask = idx < V
-            z = tl.load(z_row + idx, mask=mask, other=0.0).to(tl.float32)
-            zt = tl.load(zt_row + idx, mask=mask, other=0.0).to(tl.float32)
-            logq = z * inv_temp - lseq
-            logp = zt * inv_temp - lsep
+            z, logq, logp = _tile_log_probs(z_row, zt_row, idx, mask, inv_temp, lseq, lsep)
             q = tl.exp(logq)
             if KIND == 1:
                 grad = q * (logq - logp - div)
             else:
-                logm = tl.maximum(logp + log_beta, logq + log_1m_beta)
-                logm = logm + tl.log(1.0 + tl.exp(-tl.abs((logp + log_beta) - (logq + log_1m_beta))))
-                grad = (1.0 - beta) * q * (logq - logm - kl_qm)
-            grad = div_coef * grad + ce_coef * (tl.exp(z - lse1) - (idx == target).to(tl.float32))
+                grad = (1.0 - beta) * q * (logq - _log_mixture(logp, logq, log_beta, log_1m_beta) - kl_qm)
+            grad = div_coef * grad + ce_coef * _ce_grad(z, lse1, idx, target)
             tl.store(z_row + idx, grad.to(z_ptr.dtype.element_ty), mask=mask)
 
 
-@cache
-def _kernel():
-    """The jitted kernel, or None without Triton. Jitted on first use, so TRITON_INTERPRET set by then counts."""
-    return None if triton is None else triton.jit(_kd_chunk_kernel)
-
-
 def triton_available() -> bool:
-    return _kernel() is not None
+    return triton is not None
 
 
 def kd_chunk_fused(
@@ -179,8 +190,7 @@ def kd_chunk_fused(
     `coefs` = (div_coef, ce_coef) is given, d(loss)/dz = div_coef * dD/d(z / T) + ce_coef * dCE/dz written
     into z's storage (z itself is returned); None otherwise. `divergence` is the resolved one: "jsd" needs
     0 < beta < 1."""
-    kernel = _kernel()
-    if kernel is None:
+    if triton is None:
         raise RuntimeError("kd_chunk_fused needs Triton (pip install triton); the torch path needs nothing")
     if z.shape != zt.shape or z.stride(-1) != 1 or zt.stride(-1) != 1:
         raise ValueError(f"kd_chunk_fused: z {tuple(z.shape)} and zt {tuple(zt.shape)} must match, rows contiguous")
@@ -193,7 +203,7 @@ def kd_chunk_fused(
     if n == 0:
         return div, ce, agree, (z if coefs is not None else None)
     with torch.cuda.device(z.device) if z.is_cuda else contextlib.nullcontext():  # Triton launches on the current one
-        kernel[(n,)](
+        _kd_chunk_kernel[(n,)](
             z,
             zt,
             targets.contiguous(),
