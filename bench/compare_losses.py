@@ -5,19 +5,15 @@ mismatch, with the worst step named."""
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
 from pathlib import Path
+
+from train.csv_log import read_metrics
 
 
 def step_losses(stage_dir: Path) -> dict[int, float]:
     """{step: train/loss} from a stage's metrics.csv (the last value of a step wins, e.g. after a resume)."""
-    losses = {}
-    with open(stage_dir / "logs" / "metrics.csv") as f:
-        for row in csv.DictReader(f):
-            if row.get("train/loss"):
-                losses[int(row["step"])] = float(row["train/loss"])
-    return losses
+    return {int(step): loss for step, loss in read_metrics(stage_dir / "logs" / "metrics.csv").get("train/loss", [])}
 
 
 def compare(a: Path, b: Path, stage: str, rtol: float) -> tuple[bool, str]:

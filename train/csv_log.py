@@ -2,14 +2,15 @@
 
 Lightning's CSVLogger deletes an existing metrics.csv when a new Trainer starts in the same folder, so a resumed
 stage would lose the history before the interruption (and the loss plot with it). This writer appends instead.
-Steps between the last checkpoint and a crash are logged again after the resume: readers keep the last row of a
-step (train/plots.py, bench/compare_losses.py).
+Steps between the last checkpoint and a crash are logged again after the resume: `read_metrics` keeps the last
+value of a step (train/plots.py, bench/compare_losses.py read through it).
 """
 
 from __future__ import annotations
 
 import csv
 import os
+from pathlib import Path
 
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
@@ -35,3 +36,16 @@ class ResumableCSVLogger(CSVLogger):
             self._fs.makedirs(self.root_dir, exist_ok=True)
             self._experiment = AppendingExperimentWriter(log_dir=self.log_dir)
         return self._experiment
+
+
+def read_metrics(path: Path) -> dict[str, list[tuple[float, float]]]:
+    """{metric: [(step, value)]} by step; a step logged twice (replayed after a resume) keeps its last value."""
+    series: dict[str, dict[float, float]] = {}
+    with open(path) as handle:
+        for row in csv.DictReader(handle):
+            step = row.get("step")
+            for key, value in row.items():
+                if key in ("step", "epoch") or not value or not step:
+                    continue
+                series.setdefault(key, {})[float(step)] = float(value)
+    return {key: sorted(values.items()) for key, values in series.items()}

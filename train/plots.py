@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import matplotlib
@@ -10,18 +9,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
-
-def _read_metrics(path: Path) -> dict[str, list[tuple[float, float]]]:
-    """{metric: [(step, value)]} by step; a step logged twice (replayed after a resume) keeps its last value."""
-    series: dict[str, dict[float, float]] = {}
-    with open(path) as handle:
-        for row in csv.DictReader(handle):
-            step = row.get("step")
-            for key, value in row.items():
-                if key in ("step", "epoch") or not value or not step:
-                    continue
-                series.setdefault(key, {})[float(step)] = float(value)
-    return {key: sorted(values.items()) for key, values in series.items()}
+from .csv_log import read_metrics  # noqa: E402
 
 
 def plot_losses(run_dir: Path, target: Path) -> Path | None:
@@ -31,7 +19,7 @@ def plot_losses(run_dir: Path, target: Path) -> Path | None:
         return None
     fig, axes = plt.subplots(1, len(stages), figsize=(5 * len(stages), 3.5), squeeze=False)
     for ax, stage in zip(axes[0], stages, strict=True):
-        series = _read_metrics(run_dir / stage / "logs" / "metrics.csv")
+        series = read_metrics(run_dir / stage / "logs" / "metrics.csv")
         for key in ("train/loss", "val/loss"):
             if key in series:
                 steps, values = zip(*series[key], strict=True)
