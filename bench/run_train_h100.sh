@@ -2,12 +2,13 @@
 # The training benchmarks behind docs/performance.md, as run on the lent 2x H100 machine, one call per part:
 #   bash bench/run_train_h100.sh [results.json] [log folder]            # zebra_1b on 1 GPU + GPU tests, ~9 min
 #   PART=2gpu bash bench/run_train_h100.sh [results.json] [log folder]  # zebra_1b 1 vs 2 GPUs, 8B teacher, ~8 min
-#   PART=8b bash bench/run_train_h100.sh [results.json] [log folder]    # zebra_8b KD on 2x 80 GB, ~6 minutes
+#   PART=8b bash bench/run_train_h100.sh [results.json] [log folder]    # zebra_8b KD on 2x 80 GB, ~7 minutes
 # Triton's autotuning results are cached on disk, so only the first process pays for them.
-# zebra_8b: plain ZeRO-3 needs ~83 GB per GPU before activations on 2 GPUs, so the offload strategy runs first
-# (DeepSpeed's CPU Adam: its C++ op is built first, about a minute) with --light-autotune, so that a fresh
-# machine's Triton autotuning of the 8B shapes does not eat the time limit; ZERO3=1 also tries plain ZeRO-3 at
-# micro-batch 1, to record its out-of-memory rather than assume it.
+# zebra_8b: plain ZeRO-3 needs ~83 GB per GPU before activations on 2 GPUs, so the optimizer goes to CPU memory
+# (deepspeed_zero3_offload_optimizer; DeepSpeed's CPU Adam, its C++ op built first, about a minute), at the
+# preset's micro-batch 2 x 4 accumulated, each GPU capped at an H100's 79.6 GiB (the 2-GPU kind may serve H200s),
+# with --light-autotune so that a fresh machine's Triton autotuning of the 8B shapes does not eat the time limit.
+# OFFLOAD_PARAMS=1 also runs deepspeed_zero3_offload (parameters in CPU memory too); ZERO3=1 plain ZeRO-3.
 set -uo pipefail
 part=${PART:-1b}
 results=${1:-bench/results/train_zebra_${part}_h100.json}
@@ -21,6 +22,9 @@ step() {  # step <seconds> <log name> <bench.train arguments...>
     echo "== $name: python -m bench.train $*"
     timeout -k 10 "$limit" python -m bench.train --out "$results" "$@" >"$logs/$name.log" 2>&1
     echo "   rc=$? ($(grep -c . "$logs/$name.log") log lines; last: $(tail -1 "$logs/$name.log" | cut -c1-200))"
+    # a rank that outlives its killed launcher keeps its GPU memory and would skew the next run
+    pkill -9 -f "bench.train" && sleep 5
+    nvidia-smi --query-compute-apps=pid,used_memory --format=csv,noheader
 }
 
 gpu_tests() {  # the GPU test marker, if the call (600 s at most) still has the ~160 s it takes
@@ -36,12 +40,18 @@ if [[ $part == 8b ]]; then
     echo "== DeepSpeed CPU Adam op: $(date -u +%T) build/load"
     python -c "from deepspeed.ops.op_builder import CPUAdamBuilder; CPUAdamBuilder().load()" >"$logs/cpu_adam_build.log" 2>&1
     echo "   rc=$? $(date -u +%T)"
-    step "${LIMIT_8B:-420}" zebra_8b_kd_zero3_offload --preset zebra_8b --stages kd --devices 2 \
-        --strategy deepspeed_zero3_offload --micro-batch 2 --steps 3 --warmup 2 --light-autotune
+    cap=(--memory-cap-gib 79.6 --light-autotune)
+    step "${LIMIT_8B:-420}" zebra_8b_kd_zero3_offload_optimizer --preset zebra_8b --stages kd --devices 2 \
+        --strategy deepspeed_zero3_offload_optimizer --micro-batch 2 --accumulate 4 --steps 2 --warmup 1 "${cap[@]}"
+    if [[ ${OFFLOAD_PARAMS:-0} == 1 ]]; then
+        step 300 zebra_8b_kd_zero3_offload --preset zebra_8b --stages kd --devices 2 \
+            --strategy deepspeed_zero3_offload --micro-batch 2 --accumulate 4 --steps 1 --warmup 1 "${cap[@]}"
+    fi
     if [[ ${ZERO3:-0} == 1 ]]; then  # plain ZeRO-3: expected out of memory on 2x 80 GB (docs/performance.md)
         step 150 zebra_8b_kd_zero3 --preset zebra_8b --stages kd --devices 2 --strategy deepspeed_zero3 \
-            --micro-batch 1 --steps 3 --warmup 1
+            --micro-batch 1 --steps 3 --warmup 1 "${cap[@]}"
     fi
+    gpu_tests
     exit 0
 fi
 # One process per Trainer run: a finished DeepSpeed engine keeps its GPU memory until the process ends.

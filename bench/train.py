@@ -30,7 +30,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -85,6 +85,12 @@ OPTIM = {"lr": 1e-5, "weight_decay": 0.0, "warmup_steps": 1, "max_steps": 10_000
 def preset_student(preset: str) -> DictConfig:
     """The preset's composed `student` config group."""
     return compose_config([f"conf={preset}"]).student
+
+
+def strategy_settings(preset: str, name: str) -> dict:
+    """The `strategy` config group entry `name` as the pipeline hands it to make_strategy (conf/strategy/)."""
+    strategy = compose_config([f"conf={'tiny' if preset == 'smoke' else preset}", f"strategy={name}"]).strategy
+    return OmegaConf.to_container(strategy, resolve=True)
 
 
 def student_settings(preset: str) -> dict:
@@ -188,30 +194,37 @@ def sync() -> None:
 
 
 class StepTimer(L.Callback):
-    """Wall time of every optimizer step (synchronized) and the data wait before it; peak memory after warmup."""
+    """Wall time of every optimizer step after warmup (synchronized): the sum over its accumulated micro-batches,
+    each one's optimizer step included; the data wait before each micro-batch; peak memory after warmup."""
 
     def __init__(self, warmup: int):
         self.warmup = warmup
-        self.steps: list[float] = []
+        self.by_step: dict[int, float] = {}  # optimizer step -> seconds of its micro-batches
         self.data: list[float] = []
         self._start = self._end = None
+        self._step = 0
+
+    @property
+    def steps(self) -> list[float]:
+        return list(self.by_step.values())
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
         sync()
         now = time.perf_counter()
-        if trainer.global_step == self.warmup and torch.cuda.is_available():
+        self._step = trainer.global_step  # the same for every micro-batch of one optimizer step
+        if self._step == self.warmup and torch.cuda.is_available() and self._step not in self.by_step:
             torch.cuda.reset_peak_memory_stats()
-        if self._end is not None and trainer.global_step > self.warmup:
+        if self._end is not None and self._step >= self.warmup:
             self.data.append(now - self._end)
         self._start = now
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         sync()
         self._end = time.perf_counter()
-        if trainer.global_step > self.warmup:
-            self.steps.append(self._end - self._start)
+        if self._step >= self.warmup:
+            self.by_step[self._step] = self.by_step.get(self._step, 0.0) + self._end - self._start
         if trainer.is_global_zero:  # progress with a clock: a run cut short by a time limit still says where
-            print(f"[{stamp()}] step {trainer.global_step}: {self._end - self._start:.2f} s", flush=True)
+            print(f"[{stamp()}] step {self._step} batch {batch_idx}: {self._end - self._start:.2f} s", flush=True)
 
 
 def stamp() -> str:
@@ -233,19 +246,19 @@ def trainer_run(args, stage: str, data: SyntheticPacked) -> dict | None:
     device = device or torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
+        if args.memory_cap_gib:  # hold a larger card to a smaller one's memory (e.g. an H200 to 80 GB)
+            total = torch.cuda.get_device_properties(device).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_cap_gib * 2**30 / total), device)
     print(f"[{stamp()}] building {stage} models", flush=True)
     module = make_module(stage, args.preset, args.teacher, device, not args.kd_torch)
     print(f"[{stamp()}] built; Trainer starts", flush=True)
     timer = StepTimer(args.warmup)
     kernels = SDPAKernelReport()  # which SDPA kernels a step runs: a math fallback shows up in the results
-    strategy = {"name": args.strategy}
-    if args.strategy.startswith("deepspeed"):
-        strategy["stage"] = 3 if "zero3" in args.strategy else 2
-        strategy["offload_optimizer"] = strategy["offload_parameters"] = "offload" in args.strategy
     trainer = L.Trainer(
         accelerator="gpu" if device.type == "cuda" else "cpu",
         devices=args.devices,
-        strategy=make_strategy(strategy),
+        strategy=make_strategy(args.strategy_settings),
+        accumulate_grad_batches=args.accumulate,
         precision="bf16-mixed" if device.type == "cuda" else "32-true",
         max_steps=args.warmup + args.steps,
         logger=False,
@@ -261,7 +274,7 @@ def trainer_run(args, stage: str, data: SyntheticPacked) -> dict | None:
     if trainer.global_rank != 0:
         return None
     step = median(timer.steps)
-    tokens = args.micro_batch * args.seq
+    tokens = args.micro_batch * args.seq * args.accumulate  # per optimizer step and GPU
     context = mean_context(data, args.micro_batch)
     flops = module.flops_per_token(context)
     result = {
@@ -269,6 +282,8 @@ def trainer_run(args, stage: str, data: SyntheticPacked) -> dict | None:
         "strategy": args.strategy,
         "devices": trainer.world_size,
         "micro_batch": args.micro_batch,
+        "accumulate_grad_batches": args.accumulate,
+        "memory_cap_gib": args.memory_cap_gib,
         "seq_len": args.seq,
         "teacher": args.teacher,
         "step_ms": 1e3 * step,
@@ -431,7 +446,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--devices", type=int, default=1)
-    parser.add_argument("--strategy", default="auto", help="auto, ddp, deepspeed_zero2, deepspeed_zero3[_offload]")
+    parser.add_argument("--strategy", default="auto", help="a conf/strategy entry, e.g. deepspeed_zero2")
+    parser.add_argument("--accumulate", type=int, default=1, help="micro-batches per optimizer step")
+    parser.add_argument(
+        "--memory-cap-gib", type=float, default=None, help="cap each GPU's memory (an H200 run as an 80 GB card)"
+    )
     parser.add_argument(
         "--compile",
         action=argparse.BooleanOptionalAction,
@@ -453,6 +472,7 @@ def main() -> None:
         args.preset, args.teacher, args.seq, args.micro_batch = "smoke", "smoke", 128, 2
         args.steps, args.warmup, args.doc_len = min(args.steps, 3), 1, 40
     args.teacher = args.teacher or PRESET_TEACHER[args.preset]
+    args.strategy_settings = strategy_settings(args.preset, args.strategy)  # an unknown name fails here, first
     out = Path(args.out or f"bench/results/train_{args.preset}.json")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rank_zero = int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("RANK", 0)) == 0
@@ -460,7 +480,8 @@ def main() -> None:
     if rank_zero and args.devices == 1:
         header["matmul_bf16_tflops"] = matmul_tflops(device)
     data = SyntheticPacked(
-        max(64, (args.warmup + args.steps + 5) * args.micro_batch * args.devices),  # + 3 profiled steps
+        # + 3 profiled steps and spare
+        max(64, (args.warmup + args.steps + 5) * args.micro_batch * args.devices * args.accumulate),
         args.seq,
         TEACHERS[args.teacher]["vocab_size"],
         args.doc_len,
@@ -470,7 +491,8 @@ def main() -> None:
     set_compile(args.compile)
     if args.light_autotune:
         print(f"light autotuning: {limit_autotune_configs(keep=2)} mamba-ssm configs left out", flush=True)
-    suffix = f"{args.teacher}/mb{args.micro_batch}" + ("/kd_torch" if args.kd_torch else "")
+    suffix = f"{args.teacher}/mb{args.micro_batch}" + (f"x{args.accumulate}" if args.accumulate > 1 else "")
+    suffix += "/kd_torch" if args.kd_torch else ""
     suffix += "/compiled" if args.compile else ""
     suffix += "/light_autotune" if args.light_autotune else ""
     for stage in args.stages.split(","):

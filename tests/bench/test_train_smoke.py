@@ -25,3 +25,39 @@ def test_training_benchmark_smoke_writes_results(tmp_path):
     phases = results["results"]["breakdown/kd/smoke/mb2"]["phase_ms"]
     assert set(phases) == {"data", "teacher_forward", "student_forward", "loss", "backward", "optimizer"}
     assert all(ms >= 0 for ms in phases.values())
+
+
+def test_accumulated_steps_count_every_micro_batch(tmp_path):
+    out = tmp_path / "train.json"
+    command = [sys.executable, "-m", "bench.train", "--smoke", "--stages", "kd", "--steps", "2", "--accumulate", "2"]
+    result = subprocess.run([*command, "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    kd = json.loads(out.read_text())["results"]["kd/auto/1x/smoke/mb2x2"]
+    assert kd["steps_timed"] == 2 and kd["accumulate_grad_batches"] == 2
+    tokens_per_step = kd["tokens_per_s_per_gpu"] * kd["step_ms"] / 1e3
+    assert abs(tokens_per_step - 2 * 2 * 128) < 1e-6  # micro-batch x accumulation x sequence
+
+
+def test_step_timer_sums_the_micro_batches_of_an_optimizer_step(monkeypatch):
+    """Times of micro-batches 0.1 s (the optimizer's one 0.5 s): per optimizer step 0.1 + 0.5, warmup left out."""
+    from types import SimpleNamespace
+
+    from bench import train as bench_train
+
+    clock = iter([0.0, 0.1, 0.1, 0.6, 1.0, 1.1, 1.1, 1.6, 2.0, 2.1, 2.1, 2.6])  # start/end of 6 micro-batches
+    monkeypatch.setattr(bench_train.time, "perf_counter", lambda: next(clock))
+    timer = bench_train.StepTimer(warmup=1)
+    trainer = SimpleNamespace(global_step=0, is_global_zero=False)
+    for batch_idx in range(6):
+        trainer.global_step = batch_idx // 2
+        timer.on_train_batch_start(trainer, None, None, batch_idx)
+        timer.on_train_batch_end(trainer, None, None, None, batch_idx)
+    assert [round(s, 6) for s in timer.steps] == [0.6, 0.6]
+    assert [round(s, 6) for s in timer.data] == [0.4, 0.0, 0.4, 0.0]  # waits before micro-batches 2 to 5
+
+
+def test_unknown_strategy_is_refused_before_models_are_built(tmp_path):
+    command = [sys.executable, "-m", "bench.train", "--smoke", "--strategy", "deepspeed_zero4"]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "deepspeed_zero4" in result.stderr
+    assert "building" not in result.stdout

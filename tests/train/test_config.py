@@ -257,3 +257,25 @@ def test_student_init_kwargs_feed_the_init_code():
     kwargs.pop("rope_pairs"), kwargs.pop("conv_init")
     student = build_student_config(_teacher_spec(cfg.teacher), **kwargs)
     assert student.mla_config.kv_lora_rank == 2 * 32 and student.mla_config.qk_rope_head_dim == 32  # exact GQA
+
+
+STRATEGIES = sorted(p.stem for p in (CONF_DIR / "strategy").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("name", STRATEGIES)
+def test_strategy_group_entries_build_what_they_say(name):
+    """Each conf/strategy entry composes and becomes the Lightning strategy its name promises: ZeRO stage and which
+    of optimizer state and parameters leave the GPU (zero3_offload_optimizer keeps the parameters there)."""
+    from train.deepspeed_strategy import offloads_optimizer
+    from train.trainer import make_strategy
+
+    settings = OmegaConf.to_container(compose_config([f"strategy={name}"]).strategy, resolve=True)
+    assert settings["name"] == name
+    strategy = make_strategy(settings)
+    if not name.startswith("deepspeed"):
+        return
+    zero = strategy.config["zero_optimization"]
+    assert zero["stage"] == (3 if "zero3" in name else 2)
+    assert offloads_optimizer(strategy) == ("offload" in name)
+    params_offloaded = zero.get("offload_param", {}).get("device", "none") != "none"
+    assert params_offloaded == name.endswith("zero3_offload")
