@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import functools
 import gc
+import importlib.metadata
 import json
 import os
 import platform
@@ -415,10 +416,10 @@ def matmul_tflops(device: torch.device, n: int = 8192, repeat: int = 20) -> floa
 
 def environment() -> dict:
     versions = {"torch": torch.__version__, "lightning": L.__version__, "python": platform.python_version()}
-    for name in ("transformers", "deepspeed", "triton", "mamba_ssm"):
-        try:
-            versions[name] = __import__(name).__version__
-        except Exception:  # noqa: BLE001 -- optional packages: absent or without a version
+    for name in ("transformers", "deepspeed", "triton", "mamba-ssm"):
+        try:  # from the installed metadata: importing mamba_ssm runs its __init__, which needs its CUDA extension
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
             versions[name] = None
     card = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
     return {"card": card, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "versions": versions}

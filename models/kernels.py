@@ -81,14 +81,15 @@ def limit_autotune_configs(keep: int = 2) -> int:
     """
     if triton_chunk_scan() is None:
         return 0
-    import mamba_ssm.ops.triton as triton_ops
     from triton.runtime.autotuner import Autotuner
 
+    # through the guarded import: after a failed `import mamba_ssm` elsewhere (a version probe, say) the ops'
+    # modules stay importable while the package itself does not
+    triton_ops = _import_triton_module("mamba_ssm.ops.triton")
     cut = 0
     for info in pkgutil.iter_modules(triton_ops.__path__):
-        try:
-            module = importlib.import_module(f"mamba_ssm.ops.triton.{info.name}")
-        except ImportError:
+        module = _import_triton_module(f"mamba_ssm.ops.triton.{info.name}")
+        if module is None:
             continue
         for obj in vars(module).values():
             if isinstance(obj, Autotuner) and len(obj.configs) > keep:
