@@ -42,7 +42,7 @@ if [[ $part == 8b ]]; then
     echo "   rc=$? $(date -u +%T)"
     cap=(--memory-cap-gib 79.6 --light-autotune)
     step "${LIMIT_8B:-420}" zebra_8b_kd_zero3_offload_optimizer --preset zebra_8b --stages kd --devices 2 \
-        --strategy deepspeed_zero3_offload_optimizer --micro-batch 2 --accumulate 4 --steps 2 --warmup 1 "${cap[@]}"
+        --strategy deepspeed_zero3_offload_optimizer --micro-batch 2 --accumulate 4 --steps 4 --warmup 2 "${cap[@]}"
     if [[ ${OFFLOAD_PARAMS:-0} == 1 ]]; then
         step 300 zebra_8b_kd_zero3_offload --preset zebra_8b --stages kd --devices 2 \
             --strategy deepspeed_zero3_offload --micro-batch 2 --accumulate 4 --steps 1 --warmup 1 "${cap[@]}"
