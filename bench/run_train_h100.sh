@@ -23,7 +23,7 @@ step() {  # step <seconds> <log name> <bench.train arguments...>
     timeout -k 10 "$limit" python -m bench.train --out "$results" "$@" >"$logs/$name.log" 2>&1
     echo "   rc=$? ($(grep -c . "$logs/$name.log") log lines; last: $(tail -1 "$logs/$name.log" | cut -c1-200))"
     # a rank that outlives its killed launcher keeps its GPU memory and would skew the next run
-    pkill -9 -f "bench.train" && sleep 5
+    pkill -9 -f "^[^ ]*python[0-9.]* -m bench[.]train" && sleep 5
     nvidia-smi --query-compute-apps=pid,used_memory --format=csv,noheader
 }
 
