@@ -132,9 +132,8 @@ def main() -> None:
         results[name] = result
         print(f"{name}: {json.dumps(result)}", flush=True)
     shape = {"tokens": args.tokens, "hidden": args.hidden, "vocab": args.vocab, "chunk_tokens": args.chunk_tokens}
-    record(
-        out, f"kd_loss/t{args.tokens}_h{args.hidden}_v{args.vocab}", {**shape, "dtype": str(dtype), **results}, header
-    )
+    key = f"kd_loss/t{args.tokens}_h{args.hidden}_v{args.vocab}_c{args.chunk_tokens}"
+    record(out, key, {**shape, "dtype": str(dtype), **results}, header)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ def test_kd_loss_benchmark_smoke_reports_forward_kl(tmp_path, monkeypatch):
     out = tmp_path / "kd_loss.json"
     monkeypatch.setattr(sys, "argv", ["bench.kd_loss", "--smoke", "--out", str(out)])
     bench_kd_loss.main()
-    entry = json.loads(out.read_text())["results"]["kd_loss/t64_h32_v1000"]
+    entry = json.loads(out.read_text())["results"]["kd_loss/t64_h32_v1000_c16"]
     assert entry["ours_fused_triton"].startswith("not run") and entry["liger_fused_linear_jsd_beta0"].startswith("not")
     measured = entry["ours_torch_ops"]
     assert measured["ms"] > 0 and measured["grad_max_diff_vs_first"] == [0.0, 0.0]
