@@ -68,14 +68,15 @@ def inputs(tokens: int, hidden: int, vocab: int, device: torch.device, dtype: to
     }
 
 
-def measure(loss_fn: Loss, data: dict[str, torch.Tensor], warmup: int, repeats: int, input_bytes: int) -> dict:
+def measure(loss_fn: Loss, data: dict[str, torch.Tensor], warmup: int, repeats: int) -> dict:
     device = data["student_hidden"].device
-    times, loss = [], None
+    times, loss, start_bytes = [], None, 0
     for i in range(warmup + repeats):
         for name in ("student_hidden", "student_weight"):
             data[name].grad = None
-        if i == warmup and device.type == "cuda":
+        if i == warmup and device.type == "cuda":  # the peak over what is held before a step: the inputs
             torch.cuda.reset_peak_memory_stats()
+            start_bytes = torch.cuda.memory_allocated()
         sync()
         start = time.perf_counter()
         loss = loss_fn(*data.values())
@@ -85,8 +86,9 @@ def measure(loss_fn: Loss, data: dict[str, torch.Tensor], warmup: int, repeats: 
             times.append(1e3 * (time.perf_counter() - start))
     result: dict[str, Any] = {"ms": median(times), "loss": float(loss.detach())}
     if device.type == "cuda":
-        result["peak_memory_above_inputs_gib"] = (torch.cuda.max_memory_allocated() - input_bytes) / 2**30
-    result["grads"] = [data[name].grad.float().clone() for name in ("student_hidden", "student_weight")]
+        result["peak_memory_above_inputs_gib"] = (torch.cuda.max_memory_allocated() - start_bytes) / 2**30
+    # on the host: kept for the comparison, they must not count in the next candidate's peak
+    result["grads"] = [data[name].grad.float().cpu() for name in ("student_hidden", "student_weight")]
     return result
 
 
@@ -114,7 +116,6 @@ def main() -> None:
         "liger_fused_linear_jsd_beta0": liger() if device.type == "cuda" else None,
     }
     data = inputs(args.tokens, args.hidden, args.vocab, device, dtype)
-    data_bytes = sum(t.numel() * t.element_size() for t in data.values())
     results: dict[str, Any] = {}
     reference = None
     for name, loss_fn in candidates.items():
@@ -123,7 +124,7 @@ def main() -> None:
             continue
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        result = measure(loss_fn, data, args.warmup, args.repeats, data_bytes)
+        result = measure(loss_fn, data, args.warmup, args.repeats)
         grads = result.pop("grads")
         reference = reference or grads
         result["grad_max_diff_vs_first"] = [
