@@ -20,6 +20,11 @@ import torch
 from torch._dynamo.exc import FailOnRecompileLimitHit
 
 log = logging.getLogger(__name__)
+# Inductor's Triton kernels assume the 16-byte alignment their example inputs had, and parameters (static inputs)
+# are not re-checked per call. DeepSpeed's bf16 ZeRO-1/2 turns parameters into views of one flat buffer, so a
+# parameter after an odd-sized one (SmolLM2's 9-head Mamba2 A_log / dt_bias / D) starts 2 bytes off: the
+# compiled RMSNorm then died with "CUDA error: misaligned address". Such inputs are copied (see _aligned).
+ALIGNMENT_BYTES = 16
 _devices: frozenset[str] = frozenset()
 _wrappers: list[Callable] = []
 
@@ -36,6 +41,14 @@ def compile_enabled() -> bool:
     return bool(_devices)
 
 
+def _aligned(value):
+    """`value`, or an aligned copy of a tensor whose storage does not start on a 16-byte boundary (a clone is
+    differentiable, so gradients still reach the original parameter; only small misaligned tensors pay it)."""
+    if isinstance(value, torch.Tensor) and value.data_ptr() % ALIGNMENT_BYTES:
+        return value.clone()
+    return value
+
+
 def compiled_in_training(fn: Callable) -> Callable:
     """`fn(x, ...)`, run through torch.compile when enabled, `x` is on an enabled device and grad is on."""
     compiled = None
@@ -49,6 +62,7 @@ def compiled_in_training(fn: Callable) -> Callable:
             # dynamic=None: static kernels for the fixed training shapes; a batch of another shape (DPO's
             # padded pairs, a last partial batch) recompiles once with symbolic sizes instead of per shape.
             compiled = torch.compile(fn, fullgraph=True, dynamic=None)
+        x, args, kwargs = _aligned(x), tuple(_aligned(a) for a in args), {k: _aligned(v) for k, v in kwargs.items()}
         try:
             return compiled(x, *args, **kwargs)
         except FailOnRecompileLimitHit:

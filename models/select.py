@@ -40,6 +40,17 @@ def num_mla_for_budget(budget: float, teacher_bytes_per_token: int, mla_bytes_pe
     return min(count, num_layers)
 
 
+def uniform_select(num_layers: int, num_mla: int) -> Selection:
+    """The baseline SMART is measured against: `num_mla` layers evenly spaced over the stack, ends included."""
+    if not 0 <= num_mla <= num_layers:
+        raise ValueError(f"select: cannot place {num_mla} MLA layers in {num_layers} layers")
+    if num_mla <= 1:
+        layers = [0] * num_mla
+    else:
+        layers = [round(i * (num_layers - 1) / (num_mla - 1)) for i in range(num_mla)]
+    return Selection(layers, [], [f"{num_mla} of {num_layers} layers evenly spaced: {layers}"])
+
+
 def smart_select(scores: list[float], num_mla: int, keep_terminal: bool = True) -> Selection:
     """Choose `num_mla` layers: terminal layers kept (if asked), near-uniform gaps, maximal total score."""
     n = len(scores)

@@ -142,6 +142,9 @@ class StudentConfig:
     mla: MLASettings = field(default_factory=MLASettings)
     mamba: MambaSettings = field(default_factory=MambaSettings)
     gradient_checkpointing: bool = False  # recompute each student block in backward (memory for compute)
+    # "attention": MLA by SVD of the teacher's attention, Mamba2 from its Q/K/V/O (the recipe); "random": mixers
+    # from the model's own initializer, MLPs / norms / embeddings still copied (the ablation baseline)
+    mixer_init: str = "attention"
     # torch.compile RMSNorm, the MLP activation and Mamba2's conv for CUDA training steps (models/compile.py)
     compile: bool = False
 
@@ -175,6 +178,7 @@ class SelectConfig:
 
     num_mla_layers: int | None = None  # None: len(student.mla_layers) (which must then be a list)
     keep_terminal: bool = True  # force MLA at both ends of the stack (SMART: terminal layers are the most sensitive)
+    rule: str = "smart"  # "smart": sensitivity-driven | "uniform": evenly spaced, ignoring the scores (a baseline)
 
 
 @dataclass
@@ -632,6 +636,7 @@ def student_init_kwargs(student: StudentConfig | DictConfig) -> dict[str, Any]:
         "rope_pairs": mla.pop("rope_pairs"),
         "lossless": mla.pop("lossless"),
         "conv_init": mamba.pop("conv_init"),
+        "mixer_init": student.mixer_init,
     }
     layers = student.mla_layers
     return {
@@ -667,6 +672,7 @@ def _check_student(cfg: TrainConfig, spec) -> None:
     if s.mla.energy is not None:
         _between("student.mla.energy", s.mla.energy, 0.0, 1.0, open_low=True)
     _choice("student.mamba.conv_init", s.mamba.conv_init, ("identity", "random"))
+    _choice("student.mixer_init", s.mixer_init, ("attention", "random"))
     _choice("student.mamba.layout", s.mamba.layout, ("gqa", "standard"))
     for key in ("d_conv", "chunk_size", "ngroups", "norm_groups"):
         _at_least(f"student.mamba.{key}", getattr(s.mamba, key), 1)
@@ -678,8 +684,8 @@ def _check_student(cfg: TrainConfig, spec) -> None:
     from models.init.student_config import build_student_config
 
     kwargs = student_init_kwargs(s)
-    kwargs.pop("rope_pairs")
-    kwargs.pop("conv_init")
+    for init_only in ("rope_pairs", "conv_init", "mixer_init"):
+        kwargs.pop(init_only)
     if kwargs["mla_layers"] == "smart":  # the map is chosen later; every layer must fit either mixer
         kwargs["mla_layers"] = "all"
         build_student_config(spec, **{**kwargs, "mla_layers": "none"})
@@ -735,6 +741,7 @@ def _check_training(cfg: TrainConfig) -> None:
             )
     if sel.num_mla_layers is not None:
         _at_least("select.num_mla_layers", sel.num_mla_layers, 0)
+    _choice("select.rule", sel.rule, ("smart", "uniform"))
     _check_optim("kd", kd)
     _choice("kd.divergence", kd.divergence, ("forward_kl", "reverse_kl", "jsd"))
     _between("kd.jsd_beta", kd.jsd_beta, 0.0, 1.0, open_low=True)

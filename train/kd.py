@@ -60,3 +60,5 @@ class KDModule(DistillModule):
         self.log("val/loss", out.loss, on_epoch=True, prog_bar=True, sync_dist=True)
         self.log("val/kd/divergence", out.divergence, on_epoch=True, sync_dist=True)
         self.log("val/kd/top1_agreement", out.top1_agreement, on_epoch=True, sync_dist=True)
+        # The student's own held-out CE, computed by the loss whatever ce_weight is: the quality-vs-tokens curve.
+        self.log("val/kd/ce", out.ce, on_epoch=True, sync_dist=True)

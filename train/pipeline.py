@@ -30,13 +30,13 @@ from data.preferences import collate_pairs, preference_splits
 from models import HybridForCausalLM, student_cache_bytes, teacher_cache_bytes
 from models.compile import set_compile
 from models.init import convert_teacher
-from models.select import num_mla_for_budget, sensitivity_from_ild, smart_select
+from models.select import num_mla_for_budget, sensitivity_from_ild, smart_select, uniform_select
 from models.teacher import TeacherSpec, load_teacher
 
 from .config import student_init_kwargs
 from .deepspeed_strategy import consolidated_state_dict, is_deepspeed, load_consolidated
 from .dpo import DPOModule, preference_metrics
-from .evaluate import heldout_agreement, heldout_loss, side_by_side
+from .evaluate import eval_placement, heldout_agreement, heldout_loss, placed, side_by_side
 from .faults import FaultError
 from .ild import ILDModule, compose_student
 from .kd import KDModule
@@ -270,10 +270,11 @@ def _trained_student(
 def _heldout_layer_losses(
     ctx: Context, students: dict[str, HybridForCausalLM], module: ILDModule
 ) -> dict[str, dict[str, float]]:
-    """{layer: {candidate: mean held-out ILD loss}} on rank 0, with the stage's loss settings."""
-    device = next(ctx.teacher.parameters()).device
+    """{layer: {candidate: mean held-out ILD loss}} on rank 0, with the stage's loss settings, on the training
+    stages' device and precision."""
+    placement = eval_placement(_container(ctx.cfg.trainer))
     probe = ILDModule(
-        {name: s.to(device) for name, s in students.items()},
+        students,
         ctx.teacher,
         module.optim,
         module.loss_kind,
@@ -284,11 +285,11 @@ def _heldout_layer_losses(
     data.setup()
     sums: dict[tuple[str, int], float] = {}
     batches = 0
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+    with placed({"probe": probe}, placement):
         for batch in data.val_dataloader():
             if ctx.cfg.eval.max_batches is not None and batches >= ctx.cfg.eval.max_batches:
                 break
-            batch = {k: v.to(device) for k, v in batch.items()}
+            batch = {k: v.to(placement.device) for k, v in batch.items()}
             for key, value in probe.layer_losses(batch).items():
                 sums[key] = sums.get(key, 0.0) + float(value)
             batches += 1
@@ -315,7 +316,10 @@ def stage_select(ctx: Context) -> dict:
         count = num_mla_for_budget(cfg.student.kv_budget, teacher_bytes, per_mla_layer, spec.num_layers)
     else:
         count = len(list(layers_cfg))
-    selection = smart_select(scores, count, cfg.select.keep_terminal)
+    if cfg.select.rule == "uniform":
+        selection = uniform_select(spec.num_layers, count)
+    else:
+        selection = smart_select(scores, count, cfg.select.keep_terminal)
     for line in selection.trace:
         log.info("select: %s", line)
     mixer_types = ["mla" if i in selection.layers else "mamba" for i in range(spec.num_layers)]
@@ -394,37 +398,41 @@ def stage_dpo(ctx: Context) -> dict:
 
 
 def stage_eval(ctx: Context) -> dict:
+    """Teacher, initialized and final student on the held-out stream, on the training stages' device and precision."""
     data = DistillDataModule(ctx.data_cfg, ctx.tokenizer, phase="kd")
     data.setup()
     loader = data.val_dataloader()
     max_batches = ctx.cfg.eval.max_batches
-    rows = {"teacher": heldout_loss(ctx.teacher, loader, max_batches)}
-    rows["teacher"]["params"] = sum(p.numel() for p in ctx.teacher.parameters())
-    rows["teacher"]["kv_bytes_per_token"] = teacher_cache_bytes(
-        ctx.spec.num_layers, ctx.spec.num_kv_heads, ctx.spec.head_dim
-    ).per_token
+    placement = eval_placement(_container(ctx.cfg.trainer))
     initialized = ctx.stage_dir("select") / "initialized_student"
     if not initialized.exists():
         initialized = ctx.stage_dir("init") / "student"
     candidates = [("initialized student", initialized), ("final student", ctx.latest_student_dir())]
-    students: dict[str, HybridForCausalLM] = {}
-    for name, path in candidates:
-        if not (path / "config.json").exists():
-            continue
-        student = _load_student(path)
-        students[name] = student
-        rows[name] = heldout_loss(student, loader, max_batches)
-        rows[name].update(heldout_agreement(student, ctx.teacher, loader, max_batches))
+    students = {name: _load_student(path) for name, path in candidates if (path / "config.json").exists()}
+    rows: dict[str, dict] = {}
+    start = time.perf_counter()
+    with placed({"teacher": ctx.teacher, **students}, placement):
+        rows["teacher"] = heldout_loss(ctx.teacher, loader, max_batches)
+        for name, student in students.items():
+            rows[name] = heldout_loss(student, loader, max_batches)
+            rows[name].update(heldout_agreement(student, ctx.teacher, loader, max_batches))
+        prompts = [
+            ctx.tokenizer.decode(b["input_ids"][0, :12], skip_special_tokens=True)
+            for b in _first(loader, ctx.cfg.eval.num_generations)
+        ]
+        ctx.report["generations"] = side_by_side(
+            {"teacher": ctx.teacher, **students}, ctx.tokenizer, prompts, ctx.cfg.eval.max_new_tokens
+        )
+    log.info("eval on %s (autocast %s): %.1f s", placement.device, placement.autocast, time.perf_counter() - start)
+    rows["teacher"]["params"] = sum(p.numel() for p in ctx.teacher.parameters())
+    rows["teacher"]["kv_bytes_per_token"] = teacher_cache_bytes(
+        ctx.spec.num_layers, ctx.spec.num_kv_heads, ctx.spec.head_dim
+    ).per_token
+    for name, student in students.items():
         rows[name]["params"] = sum(p.numel() for p in student.parameters())
         rows[name]["kv_bytes_per_token"] = student_cache_bytes(student.config).per_token
     ctx.report["eval"] = rows
-    prompts = [
-        ctx.tokenizer.decode(b["input_ids"][0, :12], skip_special_tokens=True)
-        for b in _first(loader, ctx.cfg.eval.num_generations)
-    ]
-    ctx.report["generations"] = side_by_side(
-        {"teacher": ctx.teacher, **students}, ctx.tokenizer, prompts, ctx.cfg.eval.max_new_tokens
-    )
+    ctx.report["eval_placement"] = {"device": str(placement.device), "autocast": str(placement.autocast)}
     ctx.report["tokens_seen"] = sum(ctx.report.get(s, {}).get("tokens_seen", 0) for s in TRAINING_STAGES)
     print(summary_table(rows))
     plot_losses(ctx.out, ctx.out / "loss_curves.png")

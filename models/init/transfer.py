@@ -29,6 +29,9 @@ TRUNK_PREFIXES = ("model.embed_tokens.", "model.norm.", "lm_head.")
 LAYER_TRUNK = ("input_layernorm.", "post_attention_layernorm.", "mlp.")
 
 
+MIXER_INITS = ("attention", "random")
+
+
 @torch.no_grad()
 def convert_teacher(
     teacher: PreTrainedModel,
@@ -40,9 +43,14 @@ def convert_teacher(
     energy: float | None = None,
     rope_pairs: str = "energy",
     conv_init: str = "identity",
+    mixer_init: str = "attention",
 ) -> tuple[HybridForCausalLM, InitReport]:
     """Build and initialize the student. `energy` picks per-layer latent ranks (fraction of squared singular
-    values kept, rounded up to a multiple of 8); `rope_pairs` picks which teacher frequencies stay RoPE."""
+    values kept, rounded up to a multiple of 8); `rope_pairs` picks which teacher frequencies stay RoPE.
+    `mixer_init="random"` leaves the mixers as the model's initializer made them (the baseline that shows what
+    initialization from attention buys); embeddings, norms and MLPs are copied either way."""
+    if mixer_init not in MIXER_INITS:
+        raise ValueError(f"student.mixer_init={mixer_init!r} is invalid: one of {list(MIXER_INITS)}")
     mla = dict(mla or {})
     config = build_student_config(spec, mla_layers, mla, mamba, lossless, energy)  # checks before reading weights
     weights = [
@@ -71,6 +79,9 @@ def convert_teacher(
     _copy_trunk(teacher, student)
     rows = []
     for i, layer in enumerate(student.model.layers):
+        if mixer_init == "random":
+            rows.append({"layer": i, "mixer": layer.layer_type, "init": "random"})
+            continue
         if layer.layer_type == "mla":
             errors = init_mla_from_attention(layer.self_attn, weights[i], config.mla_config, factors.get(i))
             errors["attn_out_rel_err"] = attention_output_error(teacher, student, i)

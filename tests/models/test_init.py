@@ -209,3 +209,20 @@ def test_low_rank_queries_by_svd(tmp_path):
     ]
     print("q map error by q_lora_rank 16/32/64:", [f"{e:.1e}" for e in errors])
     assert errors[0] > errors[1] > 1e-3 and errors[2] < 1e-10
+
+
+def test_random_mixer_init_keeps_the_trunk_and_differs_from_attention_init(tmp_path):
+    """The ablation baseline: mixers from the model's initializer, everything else still the teacher's."""
+    teacher, spec = load_teacher(saved_teacher("llama", tmp_path))
+    mla = dict(kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16)
+    converted, _ = convert_teacher(teacher, spec, mla_layers=[0], mla=mla)
+    torch.manual_seed(3)
+    random, report = convert_teacher(teacher, spec, mla_layers=[0], mla=mla, mixer_init="random")
+    ours, theirs = converted.state_dict(), random.state_dict()
+    mixers = [n for n in ours if ".self_attn." in n or ".mamba." in n]
+    matrices = [n for n in mixers if n.endswith("proj.weight") or n.endswith("conv1d.weight")]
+    assert len(matrices) >= 6 and all(not torch.equal(ours[n], theirs[n]) for n in matrices)
+    assert all(torch.equal(ours[n], theirs[n]) for n in ours if n not in mixers)  # embeddings, norms, MLPs
+    assert [row["init"] for row in report.layers] == ["random"] * 3 and "-" in report.table()
+    with pytest.raises(ValueError, match="student.mixer_init='svd'"):
+        convert_teacher(teacher, spec, mixer_init="svd")

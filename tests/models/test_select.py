@@ -54,3 +54,13 @@ def test_scores_come_from_both_candidates():
     assert scores[0] > scores[1] == 0.0
     with pytest.raises(ValueError, match="candidates=both"):
         sensitivity_from_ild({"0": {"assigned": 0.1}}, 1)
+
+
+def test_uniform_select_spaces_layers_evenly_with_both_ends():
+    from models.select import uniform_select
+
+    assert uniform_select(30, 8).layers == [0, 4, 8, 12, 17, 21, 25, 29]
+    assert uniform_select(16, 4).layers == [0, 5, 10, 15]
+    assert uniform_select(4, 4).layers == [0, 1, 2, 3] and uniform_select(4, 0).layers == []
+    with pytest.raises(ValueError, match="cannot place 5"):
+        uniform_select(4, 5)

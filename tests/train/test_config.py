@@ -254,7 +254,7 @@ def test_student_init_kwargs_feed_the_init_code():
     assert "qkv_bias" not in kwargs["mla"] and "in_proj_bias" not in kwargs["mamba"]  # None: the teacher's
     config_from_dict(MLAConfig, kwargs["mla"])
     config_from_dict(MambaConfig, kwargs["mamba"])
-    kwargs.pop("rope_pairs"), kwargs.pop("conv_init")
+    kwargs.pop("rope_pairs"), kwargs.pop("conv_init"), kwargs.pop("mixer_init")
     student = build_student_config(_teacher_spec(cfg.teacher), **kwargs)
     assert student.mla_config.kv_lora_rank == 2 * 32 and student.mla_config.qk_rope_head_dim == 32  # exact GQA
 
@@ -279,3 +279,29 @@ def test_strategy_group_entries_build_what_they_say(name):
     assert offloads_optimizer(strategy) == ("offload" in name)
     params_offloaded = zero.get("offload_param", {}).get("device", "none") != "none"
     assert params_offloaded == name.endswith("zero3_offload")
+
+
+def test_smollm2_preset_fits_its_teacher_within_the_kv_budget(tmp_path):
+    """SmolLM2-135M-Instruct's public config.json shape: 8 SMART MLA layers stay under 12 % of the teacher's KV."""
+    from transformers import LlamaConfig
+
+    LlamaConfig(
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        head_dim=64,
+        max_position_embeddings=8192,
+        rope_parameters={"rope_type": "default", "rope_theta": 100000.0},
+        tie_word_embeddings=True,
+        architectures=["LlamaForCausalLM"],
+    ).save_pretrained(tmp_path)
+    cfg = compose_config(["conf=smollm2_135m", f"teacher.name_or_path={tmp_path}"])
+    validate_config(cfg)
+    mla = cfg.student.mla
+    student = cfg.student.num_mla_layers * (mla.kv_lora_rank + mla.qk_rope_head_dim)  # one shared RoPE key head
+    teacher = 30 * 2 * 3 * 64
+    assert cfg.student.mla_layers == "smart" and "select" in cfg.stages
+    assert student / teacher == pytest.approx(0.111, abs=1e-3) and student / teacher <= 0.12
