@@ -1,0 +1,52 @@
+#!/bin/bash
+# The real-teacher benchmark on one H200 (device machine), after ../shared/device/smollm2.sh staged the teacher to
+# /root/smollm2 and .device/install.sh ran. Logs and results go to $OUT (the device tool returns them).
+#   PART=checks  GPU tests at the real shapes, the compile crash reproduced without its fix, a ZeRO-2 + compile +
+#                fused-KD pipeline smoke on the real teacher (TEACHER: default the GGUF)
+#   PART=main    the main row at the given budget (ILD / KD steps), resumable across calls
+#   PART=ablate  the ablation rows, several at once on the one GPU
+set -uo pipefail
+OUT="${OUT:-/tmp/out}"; mkdir -p "$OUT"
+GGUF=/root/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+WORK=/root/fidelity
+export PYTHONUNBUFFERED=1
+stamp() { date -u +%H:%M:%S; }
+fidelity() {  # bench.fidelity with its results and doc copied back
+  python3 -m bench.fidelity --teacher "$GGUF" --out "$WORK" "$@" 2>&1 | tee -a "$OUT/fidelity.log"
+  cp bench/results/fidelity_smollm2_*.json bench/results/fidelity_smollm2_*.png docs/fidelity.md "$OUT/" 2>/dev/null
+}
+
+case "${PART:-checks}" in
+checks)
+  echo "$(stamp) GPU tests at SmolLM2 shapes"
+  python3 -m pytest -q -s tests/gpu/test_real_shapes_gpu.py tests/gpu/test_kernels_gpu.py -k "not hybrid_model" \
+    2>&1 | tee "$OUT/gpu_tests.log" | tail -5
+  echo "$(stamp) the compile test without the alignment fix (expected: CUDA misaligned address)"
+  python3 - > "$OUT/compile_without_fix.log" 2>&1 <<'PY'
+import models.compile as c
+c._aligned = lambda value: value  # the code before the fix
+from tests.gpu import test_real_shapes_gpu as t
+try:
+    t.test_compiled_kd_step_with_deepspeed_flat_bf16_parameters()
+    print("WITHOUT FIX: passed")
+except Exception as e:
+    print("WITHOUT FIX: failed:", type(e).__name__, str(e).splitlines()[0])
+PY
+  tail -2 "$OUT/compile_without_fix.log"
+  ;&  # fall through to the smoke
+smoke)
+  echo "$(stamp) pipeline smoke: ZeRO-2, compile, fused KD, real teacher (the first real-teacher crash)"
+  python3 -m train conf=smollm2_135m teacher.name_or_path="${TEACHER:-$GGUF}" output_dir=/root/smoke strategy=deepspeed_zero2 \
+    data.sources=[] data.seq_len=512 data.micro_batch_size=8 data.eval_max_rows=16 ild.max_steps=6 kd.max_steps=12 ild.warmup_steps=1 kd.warmup_steps=1 \
+    ild.val_every_n_steps=100 kd.val_every_n_steps=6 eval.max_batches=2 logger=csv > "$OUT/smoke.log" 2>&1
+  echo "smoke exit $?"; grep -E "eval on|Error|error|final student|^teacher " "$OUT/smoke.log" | tail -8
+  ;;
+main)
+  fidelity --rows main --ild-steps "${ILD:-300}" --kd-steps "${KD:-3000}" --deadline-s "${DEADLINE:-540}"
+  ;;
+ablate)
+  fidelity --rows "${ROWS:-uniform,reverse_kl,no_ild,random_mixers}" --parallel "${PARALLEL:-4}" \
+    --ild-steps "${ILD:-300}" --kd-steps "${KD:-3000}" --deadline-s "${DEADLINE:-540}"
+  ;;
+esac
+echo "$(stamp) done"
