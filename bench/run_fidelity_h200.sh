@@ -9,11 +9,12 @@ set -uo pipefail
 OUT="${OUT:-/tmp/out}"; mkdir -p "$OUT"
 GGUF=/root/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 WORK=/root/fidelity
-export PYTHONUNBUFFERED=1
+export PYTHONUNBUFFERED=1 TRITON_CACHE_AUTOTUNING=1  # parallel rows and later stages reuse autotune results
 stamp() { date -u +%H:%M:%S; }
 fidelity() {  # bench.fidelity with its results and doc copied back
   python3 -m bench.fidelity --teacher "$GGUF" --out "$WORK" "$@" 2>&1 | tee -a "$OUT/fidelity.log"
   cp bench/results/fidelity_smollm2_*.json bench/results/fidelity_smollm2_*.png docs/fidelity.md "$OUT/" 2>/dev/null
+  tar czf "$OUT/rows_logs.tgz" -C "$WORK" --exclude='*.ckpt' --exclude='*.safetensors' --exclude=data rows 2>/dev/null
 }
 
 case "${PART:-checks}" in
@@ -41,12 +42,14 @@ smoke)
     ild.val_every_n_steps=100 kd.val_every_n_steps=6 eval.max_batches=2 logger=csv > "$OUT/smoke.log" 2>&1
   echo "smoke exit $?"; grep -E "eval on|Error|error|final student|^teacher " "$OUT/smoke.log" | tail -8
   ;;
-main)
-  fidelity --rows main --ild-steps "${ILD:-300}" --kd-steps "${KD:-3000}" --deadline-s "${DEADLINE:-540}"
+main)  # a finished main row is not retrained; an interrupted one resumes
+  fidelity --rows main --ild-steps "${ILD:-300}" --kd-steps "${KD:-3000}" --deadline-s "${DEADLINE:-540}" \
+    --max-train-mb "${TRAIN_MB:-100}" --chats "${CHATS:-1500}"
   ;;
-ablate)
-  fidelity --rows "${ROWS:-uniform,reverse_kl,no_ild,random_mixers}" --parallel "${PARALLEL:-4}" \
-    --ild-steps "${ILD:-300}" --kd-steps "${KD:-3000}" --deadline-s "${DEADLINE:-540}"
+ablate)  # main first (resumed or reused), then the rows at once
+  fidelity --rows "main,${ROWS:-no_ild,random_mixers,uniform,reverse_kl}" --parallel "${PARALLEL:-4}" \
+    --ild-steps "${ILD:-300}" --kd-steps "${KD:-3000}" --deadline-s "${DEADLINE:-540}" \
+    --max-train-mb "${TRAIN_MB:-100}" --chats "${CHATS:-1500}"
   ;;
 esac
 echo "$(stamp) done"

@@ -1,0 +1,75 @@
+"""bench.fidelity's row commands and docs/fidelity.md rendering, from a synthetic results file (no training)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+
+from bench.fidelity import ROWS, Budget, row_command
+from bench.fidelity_report import NOTES, render
+
+
+def _held(loss: float, agree: float, kv: int) -> dict:
+    return {
+        "loss": loss,
+        "perplexity": 2.718**loss,
+        "kl_to_teacher": loss - 1.5,
+        "top1_agreement": agree,
+        "kv_bytes_per_token": kv,
+        "tokens": 1000,
+    }
+
+
+def _entry(loss: float, kv: int = 2560) -> dict:
+    return {
+        "what": "x",
+        "exit_code": 0,
+        "tokens": {"ild": 2_000_000, "kd": 10_000_000},
+        "stage_seconds": {"ild": 60.0, "kd": 300.0},
+        "mla_layers": [0, 4, 8, 12, 17, 21, 25, 29],
+        "mixture_eval": {"teacher": {"loss": 1.6}},
+        "curve": {
+            "ild_tokens": 2e6,
+            "kd_tokens_per_step": 32768.0,
+            "val/kd/ce": [[99, 2.2], [199, 2.0]],
+            "val/kd/top1_agreement": [[99, 0.7], [199, 0.75]],
+        },
+        "heldout_packages": {
+            "teacher": _held(1.6, 1.0, 23040),
+            "initialized": _held(4.0, 0.3, kv),
+            "final": _held(loss, 0.8, kv),
+            "eval_seconds": 12.0,
+            "samples": {"chat": [{"prompt": "Hi", "teacher": "Hello", "student": "Hello!"}]},
+        },
+    }
+
+
+def test_render_tables_plots_and_kept_notes(tmp_path):
+    results = tmp_path / "fidelity_smollm2_h200.json"
+    rows = {"main": _entry(1.72), "no_ild": _entry(1.80), "mla4": _entry(1.90, 1280), "uniform": {"what": "u"}}
+    results.write_text(json.dumps({"card": "NVIDIA H200", "date": "2026-12-04T00:00:00", "results": rows}))
+    doc = tmp_path / "fidelity.md"
+    doc.write_text("old generated text\n" + NOTES + "\nmy reading of the numbers\n")
+    render([results], doc)
+    text = doc.read_text()
+    assert "| final student | 1.7200 |" in text and "+7.5 %" in text  # 1.72 / 1.6 - 1
+    assert "| no_ild |" in text and "+4.7 %" in text  # against main: 1.80 / 1.72 - 1
+    assert "| uniform | u |" in text and "not finished" in text
+    assert "old generated text" not in text and text.endswith("my reading of the numbers\n")
+    assert (tmp_path / "fidelity_smollm2_h200_curve.png").stat().st_size > 0
+    assert (tmp_path / "fidelity_smollm2_h200_kv_quality.png").stat().st_size > 0
+    assert "*student:*" in text and "Hello!" in text
+
+
+def test_rows_get_equal_tokens_and_main_map():
+    args = argparse.Namespace(teacher="/t.gguf")
+    budget = Budget(100, 400, ["data.seq_len=2048"])
+    main = row_command("main", ROWS["main"], args, budget, Path("/o"), None)
+    assert "ild.max_steps=100" in main and "kd.max_steps=400" in main and "conf=smollm2_135m" in main
+    no_ild = row_command("no_ild", ROWS["no_ild"], args, budget, Path("/o"), [0, 9, 29])
+    assert "kd.max_steps=500" in no_ild and "student.mla_layers=[0,9,29]" in no_ild  # ILD's steps move to KD
+    with pytest.raises(RuntimeError, match="main row first"):
+        row_command("no_ild", ROWS["no_ild"], args, budget, Path("/o"), None)
