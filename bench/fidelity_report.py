@@ -144,6 +144,41 @@ def plot_kv_quality(rows: dict[str, dict], path: Path) -> Path | None:
     return path
 
 
+def _data_line(corpus: dict, chats: dict) -> str:
+    if not corpus:
+        return "Data: not recorded."
+    line = (
+        f"Data: {corpus['train_files']:,} files ({corpus['train_bytes'] / 1e6:.1f} MB) of Python source and "
+        f"documentation from {corpus['train_packages_used']} installed packages; held out: "
+        f"{', '.join(corpus['heldout_packages'])} ({corpus['heldout_files']} files, "
+        f"{corpus['heldout_bytes'] / 1e6:.1f} MB)."
+    )
+    if chats:
+        line += (
+            f" Teacher chats: {chats['written']:,} prompts answered by the teacher ({chats['tokens_generated']:,} "
+            f"tokens, {chats['truncated']:,} cut at {chats['max_new_tokens']} tokens, {chats.get('looping', 0):,} "
+            f"repeating themselves; {chats['tokens_per_s']:,.0f} tokens/s)."
+        )
+    return line
+
+
+def _partial(entry: dict) -> list[str]:
+    """What an unfinished row measured: its stages, tokens, and the KD validation split's last numbers."""
+    lines = [
+        f"MLA layers {entry.get('mla_layers')}; tokens ILD + KD {_tokens(entry)}; stage seconds: {_seconds(entry)}."
+    ]
+    curve = entry.get("curve") or {}
+    last = {k: curve[k][-1] for k in ("val/kd/ce", "val/kd/divergence", "val/kd/top1_agreement") if curve.get(k)}
+    if last:
+        step = int(next(iter(last.values()))[0])
+        lines.append(
+            f"At KD step {step + 1}, on the KD validation split (held-out documents of the training mixture): "
+            + ", ".join(f"{k.split('/')[-1]} {v[1]:.4f}" for k, v in last.items())
+            + "."
+        )
+    return [*lines, ""]
+
+
 def _eval_seconds(entry: dict) -> object:
     return entry["heldout_packages"].get("eval_seconds")
 
@@ -184,7 +219,7 @@ def render(result_files: list[Path], doc: Path) -> None:
             "",
             f"Versions: {', '.join(f'{k} {v}' for k, v in (results.get('versions') or {}).items() if v)}.",
             "",
-            f"Data: {json.dumps(corpus, default=str)}; teacher chats: {json.dumps(chats, default=str)}.",
+            _data_line(corpus, chats),
             "",
         ]
         main = rows.get("main")
@@ -202,7 +237,10 @@ def render(result_files: list[Path], doc: Path) -> None:
             if curve:
                 lines += [f"![held-out loss against tokens](../bench/results/{curve.name})", ""]
         elif main:
-            lines += [f"The main row did not finish: {main.get('status')}", ""]
+            lines += [f"The main row did not finish: {main.get('status')}", "", *_partial(main)]
+            curve = plot_curve(main, path.with_name(path.stem + "_curve.png"))
+            if curve:
+                lines += [f"![held-out loss against tokens](../bench/results/{curve.name})", ""]
         if len(rows) > 1:
             lines += ["### Ablations (equal training tokens)", "", *ablation_table(rows), ""]
             kv = plot_kv_quality(rows, path.with_name(path.stem + "_kv_quality.png"))

@@ -14,7 +14,9 @@ stamp() { date -u +%H:%M:%S; }
 fidelity() {  # bench.fidelity with its results and doc copied back
   python3 -m bench.fidelity --teacher "$GGUF" --out "$WORK" "$@" 2>&1 | tee -a "$OUT/fidelity.log"
   cp bench/results/fidelity_smollm2_*.json bench/results/fidelity_smollm2_*.png docs/fidelity.md "$OUT/" 2>/dev/null
-  tar czf "$OUT/rows_logs.tgz" -C "$WORK" --exclude='*.ckpt' --exclude='*.safetensors' --exclude=data rows 2>/dev/null
+  # logs, metrics and the teacher's chat answers (carry them to skip regenerating), at most 8 files back
+  tar czf "$OUT/rows_logs.tgz" -C "$WORK" --exclude='*.ckpt' --exclude='*.safetensors' --exclude=cache rows \
+    data/chats.jsonl.gz data/manifest.json data/chats_stats.json 2>/dev/null
 }
 
 case "${PART:-checks}" in
