@@ -53,3 +53,17 @@ LLAMA_3_2_3B = dict(
     max_position_embeddings=131072,
     rope_parameters=LLAMA3_ROPE,
 )
+
+# SmolLM2-135M-Instruct (the real teacher of bench/fidelity.py and conf/conf/smollm2_135m.yaml), tied embeddings.
+SMOLLM2_135M = dict(
+    vocab_size=49152,
+    hidden_size=576,
+    intermediate_size=1536,
+    num_hidden_layers=30,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    head_dim=64,
+    max_position_embeddings=8192,
+    rope_parameters={"rope_type": "default", "rope_theta": 100000.0},
+    tie_word_embeddings=True,
+)

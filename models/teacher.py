@@ -1,6 +1,7 @@
 """Teachers: load a Hugging Face GQA causal LM and describe the shapes and quirks the student must copy.
 
-Supported families: Llama (3.x), Qwen2 / Qwen2.5, Qwen3 and Mistral. They share the module layout
+Supported families: Llama (3.x), Qwen2 / Qwen2.5, Qwen3 and Mistral, from the Hub, a local directory or a llama.cpp
+GGUF file (dequantized once into a cached directory, models/gguf.py). They share the module layout
 (model.layers.i.self_attn.{q,k,v,o}_proj, mlp.{gate,up,down}_proj, input/post_attention_layernorm) and
 differ in attention biases (Qwen2), per-head q/k RMSNorm (Qwen3), tied embeddings and RoPE variants.
 The config is read and checked before any weights load, so unsupported teachers fail in seconds.
@@ -170,8 +171,26 @@ def check_weight_files(name_or_path: str, required: bool = True) -> None:
             ) from e
 
 
+def resolve_teacher_path(name_or_path: str, cache_root: Path | None = None) -> str:
+    """The Hugging Face directory of a GGUF teacher (a `.gguf` file or a directory holding one), dequantized once
+    into a cache (models/gguf.py); any other `name_or_path` (Hub id, HF directory) unchanged. Load the teacher's
+    tokenizer from the result too: a GGUF carries its tokenizer inside, the materialized directory as files."""
+    from .gguf import find_gguf, materialize_gguf_teacher
+
+    gguf = find_gguf(name_or_path)
+    if gguf is None:
+        return name_or_path
+    return str(materialize_gguf_teacher(gguf, cache_root, name_or_path=name_or_path))
+
+
 def load_teacher_config(name_or_path: str, trust_remote_code: bool = False) -> PretrainedConfig:
-    """The teacher's config (Hub id or local dir), with a clear error for paths that hold no model."""
+    """The teacher's config (Hub id, local dir or GGUF), with a clear error for paths that hold no model. A GGUF's
+    config comes from its metadata, without dequantizing (the same config its materialized directory gets)."""
+    from .gguf import find_gguf, gguf_config
+
+    gguf = find_gguf(name_or_path)
+    if gguf is not None:
+        return gguf_config(gguf, name_or_path=name_or_path)
     path = Path(name_or_path)
     if path.exists() and not (path / "config.json").is_file():
         raise FileNotFoundError(f"teacher.name_or_path={name_or_path!r} is a path without a config.json")
@@ -185,7 +204,9 @@ def load_teacher(
     trust_remote_code: bool = False,
     attn_implementation: str = "sdpa",
 ) -> tuple[PreTrainedModel, TeacherSpec]:
-    """Load a supported teacher frozen in eval mode; the architecture is checked before the weights."""
+    """Load a supported teacher frozen in eval mode; the architecture is checked before the weights. A GGUF teacher
+    loads from its materialized directory (`resolve_teacher_path`)."""
+    name_or_path = resolve_teacher_path(name_or_path)
     spec = describe_teacher(load_teacher_config(name_or_path, trust_remote_code))
     check_weight_files(name_or_path)
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype

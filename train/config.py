@@ -7,10 +7,10 @@ Two layers catch mistakes before any model loads:
    such as `student.mla.kv_lora_rnk=3`) and values of the wrong type (`ild.max_steps=abc`) while composing.
 2. `validate_config(cfg)`: what types cannot say (choices, ranges, stage order, the student against the
    teacher's shape). It raises `ConfigError` with one line naming the key, the bad value and what is allowed.
-   It reads the teacher's config.json only for a local directory; a Hub id gets every check that needs no
-   teacher shape and the shape checks happen in the pipeline when the config arrives (no network here, so
-   offline machines and login nodes can validate). For `teacher.name_or_path=tiny` the shape is
-   `teacher.tiny`, so the full student check runs.
+   It reads the teacher's config.json only for a local directory (for a .gguf file its metadata, without
+   dequantizing); a Hub id gets every check that needs no teacher shape and the shape checks happen in the
+   pipeline when the config arrives (no network here, so offline machines and login nodes can validate).
+   For `teacher.name_or_path=tiny` the shape is `teacher.tiny`, so the full student check runs.
 
 `compose_config(overrides)` composes through Hydra's compose API, for tests and programmatic use; the main
 job uses `@hydra.main(config_path="../conf", config_name="train", version_base=None)` then `validate_config`.
@@ -37,6 +37,7 @@ ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flex_attention", "flash_attention_2", 
 PRECISIONS = ("32-true", "32", "bf16-mixed", "bf16-true", "16-mixed", "16-true", "64-true", "64", "bf16", "16")
 ACCELERATORS = ("cpu", "gpu", "cuda", "auto")
 TINY_TEACHER = "tiny"  # teacher.name_or_path that means "train the embedded Llama of shape teacher.tiny"
+TEACHER_CHOICES = "'tiny', an existing local directory, a .gguf file or a Hub id 'org/name'"
 
 
 class ConfigError(ValueError):
@@ -65,8 +66,9 @@ class TinyTeacherConfig:
 
 @dataclass
 class TeacherConfig:
-    # "tiny" (the embedded teacher, see `tiny`), a Hub id ("meta-llama/Llama-3.2-1B-Instruct") or a local
-    # directory with config.json + weights. Llama 3.x, Qwen2/2.5/3 and Mistral are supported.
+    # "tiny" (the embedded teacher, see `tiny`), a Hub id ("meta-llama/Llama-3.2-1B-Instruct"), a local
+    # directory with config.json + weights, or a llama.cpp .gguf file (or a directory holding one), dequantized
+    # once into $ZEBRA_DISTILL_CACHE/gguf (models/gguf.py). Llama 3.x, Qwen2/2.5/3 and Mistral are supported.
     name_or_path: str = TINY_TEACHER
     dtype: str = "float32"  # float32 | bfloat16 | float16: the frozen teacher's weights and forward
     trust_remote_code: bool = False
@@ -552,9 +554,12 @@ def tiny_teacher_positions(tiny_seq_len: int, data_seq_len: int) -> int:
 
 
 def _teacher_spec(teacher: TeacherConfig, vocab_size: int = 1024, fetch: bool = False, data_seq_len: int = 0):
-    """The TeacherSpec used to check the student: from `teacher.tiny`, from a local config.json (whose safetensors
-    headers are checked too), or for a Hub id None (shape checks wait for the pipeline) unless `fetch` (read its
-    config.json from the Hub or the local HF cache). `vocab_size` only fills the tiny spec (no check uses it)."""
+    """The TeacherSpec used to check the student: from `teacher.tiny`, from a GGUF file's metadata (models/gguf.py,
+    no dequantization), from a local config.json (whose safetensors headers are checked too), or for a Hub id None
+    (shape checks wait for the pipeline) unless `fetch` (read its config.json from the Hub or the local HF cache).
+    `vocab_size` only fills the tiny spec (no check uses it)."""
+    from models.errors import first_line
+    from models.gguf import find_gguf, gguf_config
     from models.teacher import TeacherSpec, check_weight_files, describe_teacher, load_teacher_config
 
     name = teacher.name_or_path
@@ -582,6 +587,14 @@ def _teacher_spec(teacher: TeacherConfig, vocab_size: int = 1024, fetch: bool = 
             eos_token_id=None,
             pad_token_id=None,
         )
+    try:
+        gguf = find_gguf(name)
+        if gguf is not None:  # described from the GGUF metadata; nothing is dequantized here
+            return describe_teacher(gguf_config(gguf, name_or_path=name))
+    except (OSError, ValueError) as e:  # models/gguf.py's messages are whole: the first line, not the chain
+        message = first_line(e)
+        prefix = "" if message.startswith("teacher.") else f"teacher.name_or_path={name!r}: "
+        raise ConfigError(prefix + message) from e
     path = Path(name).expanduser()
     if path.exists():
         try:
@@ -594,7 +607,7 @@ def _teacher_spec(teacher: TeacherConfig, vocab_size: int = 1024, fetch: bool = 
                 message if message.startswith("teacher.") else f"teacher.name_or_path={name!r}: {message}"
             ) from e
     if not is_hub_id(name):
-        _fail("teacher.name_or_path", name, "'tiny', an existing local directory or a Hub id 'org/name'")
+        _fail("teacher.name_or_path", name, TEACHER_CHOICES)
     if not fetch:
         return None
     try:
@@ -823,7 +836,7 @@ def _check_runtime(cfg: TrainConfig) -> None:
 def _check_teacher(cfg: TrainConfig) -> None:
     t = cfg.teacher
     if not t.name_or_path:
-        _fail("teacher.name_or_path", t.name_or_path, "'tiny', a Hub id or a local directory")
+        _fail("teacher.name_or_path", t.name_or_path, TEACHER_CHOICES)
     _choice("teacher.dtype", t.dtype, DTYPES)
     _choice("teacher.attn_implementation", t.attn_implementation, ATTN_IMPLEMENTATIONS)
     if t.name_or_path == TINY_TEACHER:

@@ -29,9 +29,10 @@ from data.datamodule import DistillDataModule
 from data.preferences import collate_pairs, preference_splits
 from models import HybridForCausalLM, student_cache_bytes, teacher_cache_bytes
 from models.compile import set_compile
+from models.gguf import find_gguf, gguf_cache_dir
 from models.init import convert_teacher
 from models.select import num_mla_for_budget, sensitivity_from_ild, smart_select, uniform_select
-from models.teacher import TeacherSpec, load_teacher
+from models.teacher import TeacherSpec, load_teacher, resolve_teacher_path
 
 from .config import student_init_kwargs
 from .deepspeed_strategy import consolidated_state_dict, is_deepspeed, load_consolidated
@@ -101,6 +102,12 @@ def run(cfg: DictConfig, callbacks: dict[str, list] | None = None) -> dict:
         if not is_rank_zero():
             wait_for_file(tiny_teacher_dir(tiny, data_cfg) / "config.json", "the tiny teacher")
         teacher_path = str(ensure_tiny_teacher(tiny, data_cfg, cfg.seed))
+    # A GGUF teacher becomes a Hugging Face directory once (cached; rank 0 writes it, the others wait for it); its
+    # tokenizer is read from there too.
+    gguf = find_gguf(teacher_path)
+    if gguf is not None and not is_rank_zero():
+        wait_for_file(gguf_cache_dir(gguf) / "config.json", "the GGUF teacher")
+    teacher_path = resolve_teacher_path(teacher_path)
     teacher, spec = load_teacher(
         teacher_path,
         dtype=cfg.teacher.dtype,
@@ -416,6 +423,7 @@ def stage_eval(ctx: Context) -> dict:
         for name, student in students.items():
             rows[name] = heldout_loss(student, loader, max_batches)
             rows[name].update(heldout_agreement(student, ctx.teacher, loader, max_batches))
+        scored = time.perf_counter()
         prompts = [
             ctx.tokenizer.decode(b["input_ids"][0, :12], skip_special_tokens=True)
             for b in _first(loader, ctx.cfg.eval.num_generations)
@@ -423,7 +431,14 @@ def stage_eval(ctx: Context) -> dict:
         ctx.report["generations"] = side_by_side(
             {"teacher": ctx.teacher, **students}, ctx.tokenizer, prompts, ctx.cfg.eval.max_new_tokens
         )
-    log.info("eval on %s (autocast %s): %.1f s", placement.device, placement.autocast, time.perf_counter() - start)
+    seconds = {"scores": scored - start, "generations": time.perf_counter() - scored}
+    log.info(
+        "eval on %s (autocast %s): scores %.1f s, generations %.1f s",
+        placement.device,
+        placement.autocast,
+        seconds["scores"],
+        seconds["generations"],
+    )
     rows["teacher"]["params"] = sum(p.numel() for p in ctx.teacher.parameters())
     rows["teacher"]["kv_bytes_per_token"] = teacher_cache_bytes(
         ctx.spec.num_layers, ctx.spec.num_kv_heads, ctx.spec.head_dim
@@ -433,6 +448,7 @@ def stage_eval(ctx: Context) -> dict:
         rows[name]["kv_bytes_per_token"] = student_cache_bytes(student.config).per_token
     ctx.report["eval"] = rows
     ctx.report["eval_placement"] = {"device": str(placement.device), "autocast": str(placement.autocast)}
+    ctx.report["eval_seconds"] = {k: round(v, 1) for k, v in seconds.items()}
     ctx.report["tokens_seen"] = sum(ctx.report.get(s, {}).get("tokens_seen", 0) for s in TRAINING_STAGES)
     print(summary_table(rows))
     plot_losses(ctx.out, ctx.out / "loss_curves.png")

@@ -9,23 +9,20 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from models import kernels
 from models.compile import ALIGNMENT_BYTES, set_compile
+from models.sizes import SMOLLM2_135M
 from models.ssd import ssd_chunk_scan_ref
 from tests.models.tiny import rel_err, tiny_model
 from tests.train.test_kd_kernel import CASES, compare_fused_with_torch
 from train.losses import KDLossConfig, kd_loss
 
 DEVICE = "cuda"
-VOCAB = 49_152
+TRUNK = ("vocab_size", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim")
 SMOLLM2 = dict(
-    vocab_size=VOCAB,
-    hidden_size=576,
-    intermediate_size=1536,
-    num_attention_heads=9,
-    num_key_value_heads=3,
-    head_dim=64,
+    **{key: SMOLLM2_135M[key] for key in TRUNK},
     mla=dict(kv_lora_rank=128, qk_nope_head_dim=32, qk_rope_head_dim=32, v_head_dim=64),
     mamba=dict(d_state=64, headdim=64, chunk_size=256),
 )
+VOCAB = SMOLLM2_135M["vocab_size"]
 TOL = {torch.float32: 5e-3, torch.bfloat16: 3e-2}
 
 

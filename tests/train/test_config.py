@@ -285,19 +285,9 @@ def test_smollm2_preset_fits_its_teacher_within_the_kv_budget(tmp_path):
     """SmolLM2-135M-Instruct's public config.json shape: 8 SMART MLA layers stay under 12 % of the teacher's KV."""
     from transformers import LlamaConfig
 
-    LlamaConfig(
-        vocab_size=49152,
-        hidden_size=576,
-        intermediate_size=1536,
-        num_hidden_layers=30,
-        num_attention_heads=9,
-        num_key_value_heads=3,
-        head_dim=64,
-        max_position_embeddings=8192,
-        rope_parameters={"rope_type": "default", "rope_theta": 100000.0},
-        tie_word_embeddings=True,
-        architectures=["LlamaForCausalLM"],
-    ).save_pretrained(tmp_path)
+    from models.sizes import SMOLLM2_135M
+
+    LlamaConfig(**SMOLLM2_135M, architectures=["LlamaForCausalLM"]).save_pretrained(tmp_path)
     cfg = compose_config(["conf=smollm2_135m", f"teacher.name_or_path={tmp_path}"])
     validate_config(cfg)
     mla = cfg.student.mla
