@@ -30,9 +30,7 @@ class InitReport:
             rank = row.get("kv_lora_rank", "-")
             energy = f"{row['kv_energy']:.4f}" if "kv_energy" in row else "-"
             attn = f"{row['attn_out_rel_err']:8.1e}" if "attn_out_rel_err" in row else f"{'-':>8}"
-            errs = " ".join(
-                f"{row[k]:8.1e}" if k in row else f"{'-':>8}" for k in ERROR_KEYS
-            )
+            errs = " ".join(f"{row[k]:8.1e}" if k in row else f"{'-':>8}" for k in ERROR_KEYS)
             lines.append(f"{row['layer']:>5} {row['mixer']:>6} {rank:>5} {energy:>7} {errs} {attn}")
         share = 100 * self.student_kv_bytes_per_token / max(self.teacher_kv_bytes_per_token, 1)
         lines.append(
