@@ -69,6 +69,17 @@ ROWS: dict[str, Row] = {
         fixed_map=True,
         no_ild=True,
     ),
+    "rope_per_kv_head": Row(
+        "a RoPE key per KV head (3 x 16 dims) and kv_lora_rank 112: the same 160 values per token",
+        (
+            "stages=[init,ild,kd,eval,export]",
+            "student.mla.rope_heads=per_kv_head",
+            "student.mla.qk_rope_head_dim=16",
+            "student.mla.qk_nope_head_dim=48",
+            "student.mla.kv_lora_rank=112",
+        ),
+        fixed_map=True,
+    ),
     "rank64": Row(
         "kv_lora_rank 64 (main's layer map, ILD of the assigned mixers)",
         ("stages=[init,ild,kd,eval,export]", "student.mla.kv_lora_rank=64"),

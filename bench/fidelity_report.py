@@ -13,7 +13,19 @@ import matplotlib.pyplot as plt  # noqa: E402
 # Rows of the KV-size vs quality curve, and the order of the ablation table.
 KV_ROWS = ("mla4", "main", "mla12", "rank64", "rank256")
 NOTES = "## Notes (written by hand; kept by --render)\n"
-ORDER = ("main", "no_ild", "random_mixers", "uniform", "reverse_kl", "jsd", "mla4", "mla12", "rank64", "rank256")
+ORDER = (
+    "main",
+    "no_ild",
+    "random_mixers",
+    "uniform",
+    "reverse_kl",
+    "jsd",
+    "mla4",
+    "mla12",
+    "rope_per_kv_head",
+    "rank64",
+    "rank256",
+)
 
 
 def _pct(value: float, reference: float) -> str:
