@@ -198,6 +198,15 @@ class _File:
     key: str  # fixed pseudo-random order: sha256 of package and path
 
 
+def _read_and_hash(path: Path, skipped: Counter) -> tuple[str, str] | None:
+    """(text, sha256 of it) of a usable document, or None with the reason counted in `skipped`."""
+    text, reason = _read_document(path)
+    if text is None:
+        skipped[reason] += 1
+        return None
+    return text, hashlib.sha256(text.encode()).hexdigest()
+
+
 def _candidate_files(dist: _Dist, skipped: Counter) -> list[_File]:
     files = []
     for f in dist.dist.files or []:
@@ -275,11 +284,10 @@ def build_code_corpus(
         docs = []
         for f in _candidate_files(installed[name], skipped):
             claimed.add(f.path.resolve())
-            text, reason = _read_document(f.path)
-            if text is None:
-                skipped[reason] += 1
+            read = _read_and_hash(f.path, skipped)
+            if read is None:
                 continue
-            digest = hashlib.sha256(text.encode()).hexdigest()
+            text, digest = read
             if digest in held_hashes:
                 skipped["duplicate"] += 1
                 continue
@@ -327,11 +335,10 @@ def build_code_corpus(
         except OSError:
             skipped["missing"] += 1
             continue
-        text, reason = _read_document(f.path)
-        if text is None:
-            skipped[reason] += 1
+        read = _read_and_hash(f.path, skipped)
+        if read is None:
             continue
-        digest = hashlib.sha256(text.encode()).hexdigest()
+        text, digest = read
         if digest in held_hashes:
             skipped["heldout_duplicate"] += 1
             continue
