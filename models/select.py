@@ -40,6 +40,9 @@ def num_mla_for_budget(budget: float, teacher_bytes_per_token: int, mla_bytes_pe
     return min(count, num_layers)
 
 
+SELECT_RULES = ("smart", "uniform")  # select.rule: sensitivity-driven, or the evenly spaced baseline
+
+
 def uniform_select(num_layers: int, num_mla: int) -> Selection:
     """The baseline SMART is measured against: `num_mla` layers evenly spaced over the stack, ends included."""
     if not 0 <= num_mla <= num_layers:

@@ -685,7 +685,9 @@ def _check_student(cfg: TrainConfig, spec) -> None:
     if s.mla.energy is not None:
         _between("student.mla.energy", s.mla.energy, 0.0, 1.0, open_low=True)
     _choice("student.mamba.conv_init", s.mamba.conv_init, ("identity", "random"))
-    _choice("student.mixer_init", s.mixer_init, ("attention", "random"))
+    from models.init.transfer import MIXER_INITS
+
+    _choice("student.mixer_init", s.mixer_init, MIXER_INITS)
     _choice("student.mamba.layout", s.mamba.layout, ("gqa", "standard"))
     for key in ("d_conv", "chunk_size", "ngroups", "norm_groups"):
         _at_least(f"student.mamba.{key}", getattr(s.mamba, key), 1)
@@ -754,7 +756,9 @@ def _check_training(cfg: TrainConfig) -> None:
             )
     if sel.num_mla_layers is not None:
         _at_least("select.num_mla_layers", sel.num_mla_layers, 0)
-    _choice("select.rule", sel.rule, ("smart", "uniform"))
+    from models.select import SELECT_RULES
+
+    _choice("select.rule", sel.rule, SELECT_RULES)
     _check_optim("kd", kd)
     _choice("kd.divergence", kd.divergence, ("forward_kl", "reverse_kl", "jsd"))
     _between("kd.jsd_beta", kd.jsd_beta, 0.0, 1.0, open_low=True)
