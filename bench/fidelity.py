@@ -248,17 +248,16 @@ def evaluate_row(row_dir: Path, teacher_dir: str, files: dict[str, Path], args) 
     from models import HybridForCausalLM, student_cache_bytes, teacher_cache_bytes
     from models.teacher import load_teacher
     from train.evaluate import Placement, heldout_agreement, heldout_loss
+    from train.pipeline import initialized_student_dir
 
     cuda = torch.cuda.is_available()  # bf16 as in training on the GPU; CPU autocast to bf16 is slower than fp32
     placement = Placement(torch.device("cuda" if cuda else "cpu"), torch.bfloat16 if cuda else None)
-    teacher, spec = load_teacher(teacher_dir, dtype=torch.bfloat16, device=placement.device)
+    teacher, spec = load_teacher(teacher_dir, dtype=placement.autocast or torch.float32, device=placement.device)
     tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
     loader = heldout_loader(
         tokenizer, files["heldout"], args.seq_len, args.eval_rows, 16, row_dir.parent.parent / "data" / "cache"
     )
-    initialized = row_dir / "select" / "initialized_student"
-    if not (initialized / "config.json").exists():
-        initialized = row_dir / "init" / "student"
+    initialized = initialized_student_dir(row_dir)
     final = row_dir / "student"
     start = time.perf_counter()
     result: dict[str, Any] = {}
@@ -396,9 +395,7 @@ def main(argv: list[str] | None = None) -> int:
     tag = args.tag or env["card"].replace("NVIDIA ", "").split()[0].lower()
     results = args.results_dir / f"fidelity_smollm2_{tag}.json"
     header = {**env, "teacher": "SmolLM2-135M-Instruct", "data": _data_summary(out / "data")}
-    if "main" in names and names[0] != "main":
-        names.remove("main")
-        names.insert(0, "main")
+    # main first: the other rows start from its stages
     groups = [["main"], [n for n in names if n != "main"]] if "main" in names else [names]
     for group in groups:
         if not group:

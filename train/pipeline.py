@@ -75,6 +75,12 @@ class Context:
         raise FileNotFoundError(f"no student under {self.out}: run the init stage first")
 
 
+def initialized_student_dir(out: Path) -> Path:
+    """The student before any training: composed from the init candidates by `select`, else init's own."""
+    composed = out / "select" / "initialized_student"
+    return composed if composed.exists() else out / "init" / "student"
+
+
 def write_json(path: Path, payload: Any) -> None:
     """Atomic JSON write (tmp + rename)."""
     tmp = path.with_name(f".{path.name}.tmp")
@@ -411,9 +417,7 @@ def stage_eval(ctx: Context) -> dict:
     loader = data.val_dataloader()
     max_batches = ctx.cfg.eval.max_batches
     placement = eval_placement(_container(ctx.cfg.trainer))
-    initialized = ctx.stage_dir("select") / "initialized_student"
-    if not initialized.exists():
-        initialized = ctx.stage_dir("init") / "student"
+    initialized = initialized_student_dir(ctx.out)
     candidates = [("initialized student", initialized), ("final student", ctx.latest_student_dir())]
     students = {name: _load_student(path) for name, path in candidates if (path / "config.json").exists()}
     rows: dict[str, dict] = {}
