@@ -22,7 +22,9 @@ class DistillModule(L.LightningModule):
         object.__setattr__(self, "teacher", teacher.eval().requires_grad_(False))
         self.optim = dict(optim)
         self.tokens_seen = 0
-        self._step_start = None
+        self._step_start: float | None = None  # when the current training step's batch arrived
+        self._step_work = (0, 0)  # (tokens over all ranks, model FLOPs per rank) of the current step
+        self._last_step: tuple[int, int, float] | None = None  # (tokens, FLOPs, wall seconds) of the previous step
 
     def on_fit_start(self) -> None:
         self.teacher.to(self.device)
@@ -47,7 +49,13 @@ class DistillModule(L.LightningModule):
         )
 
     def on_train_batch_start(self, batch, batch_idx) -> None:
-        self._step_start = time.perf_counter()
+        # A step's wall time is from its batch's arrival to the next one's: forward, backward, optimizer step and
+        # the wait for data. Timing inside training_step would see the forward only (and, CUDA being
+        # asynchronous, not even all of it).
+        now = time.perf_counter()
+        if self._step_start is not None and self._step_work[0]:
+            self._last_step = (*self._step_work, now - self._step_start)
+        self._step_start = now
 
     def flops_per_token(self, context: float) -> int:
         """Model FLOPs of one training step per token (models/flops.py); subclasses say what they train."""
@@ -64,18 +72,24 @@ class DistillModule(L.LightningModule):
         return self._peak
 
     def log_throughput(self, batch: dict[str, torch.Tensor]) -> None:
-        """tokens seen, tokens/s (all ranks), lr, and on CUDA the MFU against the card's peak and peak memory."""
+        """tokens seen, tokens/s (all ranks), lr, and on CUDA the MFU against the card's peak and peak memory.
+
+        Throughput and MFU are those of the previous whole step (see on_train_batch_start); the first step after a
+        start or resume logs none.
+        """
         tokens = int(batch["attention_mask"].sum()) * self.trainer.world_size
         self.tokens_seen += tokens
-        elapsed = time.perf_counter() - (self._step_start or time.perf_counter())
         self.log("train/tokens_seen", float(self.tokens_seen), on_step=True, reduce_fx="max")
-        if elapsed > 0:
-            self.log("train/tokens_per_s", tokens / elapsed, on_step=True, prog_bar=True)
+        if self._last_step is not None and self._last_step[2] > 0:
+            last_tokens, last_flops, elapsed = self._last_step
+            self.log("train/tokens_per_s", last_tokens / elapsed, on_step=True, prog_bar=True)
             peak = self._peak_flops()
             if peak:
-                # Rows are padded to seq_len, so the compute is over every position of the batch.
-                flops = self.flops_per_token(attention_context(batch["position_ids"])) * batch["input_ids"].numel()
-                self.log("train/mfu", flops / elapsed / peak, on_step=True)
+                self.log("train/mfu", last_flops / elapsed / peak, on_step=True)
+        flops = 0
+        if self._peak_flops():  # rows are padded to seq_len, so the compute is over every position of the batch
+            flops = self.flops_per_token(attention_context(batch["position_ids"])) * batch["input_ids"].numel()
+        self._step_work = (tokens, flops)
         if self.device.type == "cuda":
             self.log("train/peak_memory_gb", torch.cuda.max_memory_allocated(self.device) / 2**30, on_step=True)
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True)
