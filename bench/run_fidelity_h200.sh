@@ -3,7 +3,8 @@
 # /root/smollm2 and .device/install.sh ran. Logs and results go to $OUT (the device tool returns them).
 #   PART=checks  GPU tests at the real shapes, the compile crash reproduced without its fix, a ZeRO-2 + compile +
 #                fused-KD pipeline smoke on the real teacher (TEACHER: default the GGUF)
-#   PART=main    the main row at the given budget (ILD / KD steps), resumable across calls
+#   PART=main    the main row at the given budget (ILD / KD steps), resumable across calls; CHATS_FILE: teacher chat
+#                answers made earlier (bench/fidelity_data.generate_teacher_chats, e.g. on a CPU) instead of here
 #   PART=ablate  the ablation rows, several at once on the one GPU
 set -uo pipefail
 OUT="${OUT:-/tmp/out}"; mkdir -p "$OUT"
@@ -46,7 +47,7 @@ smoke)
   ;;
 main)  # a finished main row is not retrained; an interrupted one resumes
   fidelity --rows main --ild-steps "${ILD:-300}" --kd-steps "${KD:-3000}" --deadline-s "${DEADLINE:-540}" \
-    --max-train-mb "${TRAIN_MB:-100}" --chats "${CHATS:-1500}"
+    --max-train-mb "${TRAIN_MB:-100}" --chats "${CHATS:-1500}" ${CHATS_FILE:+--chats-file "$CHATS_FILE"}
   ;;
 ablate)  # main first (resumed or reused), then the rows at once
   fidelity --rows "main,${ROWS:-no_ild,random_mixers,uniform,reverse_kl}" --parallel "${PARALLEL:-4}" \
