@@ -8,7 +8,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from train.csv_log import read_metrics
+from train.runtime.csv_log import read_metrics
 
 
 def step_losses(stage_dir: Path) -> dict[int, float]:

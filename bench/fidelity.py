@@ -250,8 +250,8 @@ def evaluate_row(row_dir: Path, teacher_dir: str, files: dict[str, Path], args) 
 
     from models import HybridForCausalLM, student_cache_bytes, teacher_cache_bytes
     from models.teacher import load_teacher
-    from train.evaluate import Placement, heldout_agreement, heldout_loss
     from train.pipeline import initialized_student_dir
+    from train.stages.eval import Placement, heldout_agreement, heldout_loss
 
     cuda = torch.cuda.is_available()  # bf16 as in training on the GPU; CPU autocast to bf16 is slower than fp32
     placement = Placement(torch.device("cuda" if cuda else "cpu"), torch.bfloat16 if cuda else None)
@@ -321,7 +321,7 @@ def side_by_side_samples(teacher, student, tokenizer, heldout: Path, args) -> di
 
 def row_summary(row_dir: Path) -> dict:
     """From the run itself: stage times, tokens, the pipeline's eval, the KD validation curve."""
-    from train.csv_log import read_metrics
+    from train.runtime.csv_log import read_metrics
 
     report = json.loads((row_dir / "report.json").read_text()) if (row_dir / "report.json").exists() else {}
     summary = {
@@ -384,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--rows: unknown {unknown}; known: {list(ROWS)}")
     start = time.monotonic()
     deadline = start + args.deadline_s if args.deadline_s else float("inf")
-    from bench.train import environment, record
+    from bench.common import environment, record
     from models.teacher import resolve_teacher_path
     from train.config import compose_config
 

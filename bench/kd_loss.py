@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from bench.train import environment, median, record, sync
+from bench.common import environment, median, record, sync
 from train.losses import KDLossConfig, kd_loss
 
 Loss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]

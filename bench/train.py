@@ -20,12 +20,9 @@ from __future__ import annotations
 import argparse
 import functools
 import gc
-import importlib.metadata
 import json
 import os
-import platform
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -35,39 +32,30 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from bench.common import environment, median, record, stamp, sync
 from data.batch import collate_rows, teacher_inputs
 from models import HybridForCausalLM
 from models.compile import set_compile
 from models.flops import attention_context, training_flops_per_token
 from models.init.student_config import build_student_config
 from models.kernels import limit_autotune_configs
-from models.sizes import LLAMA_3_1_8B, LLAMA_3_2_1B, LLAMA_3_2_3B
+from models.sizes import LLAMA_3_1_8B, LLAMA_3_2_1B, LLAMA_3_2_3B, TINY_LLAMA
 from models.teacher import describe_teacher
 from train.config import compose_config, student_init_kwargs
-from train.deepspeed_strategy import offloads_optimizer
-from train.ild import ILDModule
-from train.kd import KDModule
 from train.losses import KDLossConfig
-from train.optim import adamw_cosine
-from train.sdpa_report import SDPAKernelReport
-from train.teacher_pass import trace_teacher
-from train.trainer import make_strategy
+from train.runtime.deepspeed_strategy import offloads_optimizer
+from train.runtime.optim import adamw_cosine
+from train.runtime.sdpa_report import SDPAKernelReport
+from train.runtime.trainer import make_strategy
+from train.stages.ild import ILDModule
+from train.stages.kd import KDModule
+from train.stages.teacher_pass import trace_teacher
 
 TEACHERS = {
     "llama_3_2_1b": {**LLAMA_3_2_1B, "tie_word_embeddings": True},
     "llama_3_2_3b": {**LLAMA_3_2_3B, "tie_word_embeddings": True},
     "llama_3_1_8b": {**LLAMA_3_1_8B, "tie_word_embeddings": False},
-    "smoke": dict(
-        vocab_size=1024,  # the embedded tokenizer's (bench.random_teacher)
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=1024,
-        tie_word_embeddings=True,
-    ),
+    "smoke": TINY_LLAMA,  # vocabulary: the embedded tokenizer's (bench.random_teacher)
 }
 PRESET_TEACHER = {"zebra_1b": "llama_3_2_1b", "zebra_1b_8mla": "llama_3_2_1b", "zebra_3b": "llama_3_2_3b"}
 PRESET_TEACHER["zebra_8b"] = "llama_3_1_8b"
@@ -189,11 +177,6 @@ def make_module(
 # ------------------------------------------------------------------------------------------------ timing
 
 
-def sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
 class StepTimer(L.Callback):
     """Wall time of every optimizer step after warmup (synchronized): the sum over its accumulated micro-batches,
     each one's optimizer step included; the data wait before each micro-batch; peak memory after warmup."""
@@ -226,14 +209,6 @@ class StepTimer(L.Callback):
             self.by_step[self._step] = self.by_step.get(self._step, 0.0) + self._end - self._start
         if trainer.is_global_zero:  # progress with a clock: a run cut short by a time limit still says where
             print(f"[{stamp()}] step {self._step} batch {batch_idx}: {self._end - self._start:.2f} s", flush=True)
-
-
-def stamp() -> str:
-    return datetime.now(timezone.utc).strftime("%H:%M:%S")
-
-
-def median(values: list[float]) -> float:
-    return sorted(values)[len(values) // 2] if values else float("nan")
 
 
 def mean_context(data: SyntheticPacked, batch_size: int) -> float:
@@ -409,31 +384,6 @@ def matmul_tflops(device: torch.device, n: int = 8192, repeat: int = 20) -> floa
         a @ b
     sync()
     return 2 * n**3 * repeat / (time.perf_counter() - start) / 1e12
-
-
-# ----------------------------------------------------------------------------------------------- results
-
-
-def environment() -> dict:
-    versions = {"torch": torch.__version__, "lightning": L.__version__, "python": platform.python_version()}
-    for name in ("transformers", "deepspeed", "triton", "mamba-ssm"):
-        try:  # from the installed metadata: importing mamba_ssm runs its __init__, which needs its CUDA extension
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            versions[name] = None
-    card = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
-    return {"card": card, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "versions": versions}
-
-
-def record(path: Path, key: str, value: Any, header: dict) -> None:
-    """Merge one measurement into the results file (atomically), keeping the others."""
-    results = json.loads(path.read_text()) if path.exists() else {}
-    results.update({k: v for k, v in header.items() if k not in results or k in ("date", "versions")})
-    results.setdefault("results", {})[key] = value
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(results, indent=2, default=str))
-    os.replace(tmp, path)
 
 
 def main() -> None:

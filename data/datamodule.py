@@ -46,9 +46,9 @@ STATE_VERSION = 1
 def worker_init(worker_id: int) -> None:
     """Signals for DataLoader workers. A cluster signals every process of the job (SLURM: SIGUSR1 warnings, SIGTERM at
     the end), and a worker killed by a signal makes PyTorch raise in the main process wherever it is, mid-step, before
-    it can finish the step and write its checkpoint (train/preemption.py). So workers ignore SIGUSR1 and end quietly
-    (status 0, which PyTorch does not treat as a failure) on SIGTERM: the step in progress already holds its batch, and
-    SIGTERM is also how multiprocessing ends workers at exit, which must not wait."""
+    it can finish the step and write its checkpoint (train/runtime/preemption.py). So workers ignore SIGUSR1 and end
+    quietly (status 0, which PyTorch does not treat as a failure) on SIGTERM: the step in progress already holds its
+    batch, and SIGTERM is also how multiprocessing ends workers at exit, which must not wait."""
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _exit_quietly)
     if os.environ.get("PL_SEED_WORKERS") == "1":  # what Lightning adds when a loader has no worker_init_fn

@@ -5,7 +5,7 @@
 #
 # Requeue. `#SBATCH --signal=USR1@300` makes SLURM send SIGUSR1 to every task of the job step (not to this shell)
 # five minutes before the time limit. Each rank finishes its step, they write one checkpoint together and exit 138
-# (128 + SIGUSR1; train/preemption.py), so srun returns 138 and this shell asks SLURM to requeue the job. Lightning's
+# (128 + SIGUSR1; train/runtime/preemption.py), so srun returns 138 and this shell asks SLURM to requeue the job. Lightning's
 # own SLURM auto-requeue stays idle: it only takes SIGUSR1 when no handler is installed, and PreemptionCheckpoint
 # installs one first. SIGTERM (143: preemption, scancel, the time limit itself) also writes the checkpoint; it is
 # requeued too unless the job was cancelled (a user's scancel must stop it). SLURM itself requeues jobs preempted
@@ -40,7 +40,7 @@ mapfile -t nodes < <(scontrol show hostnames "${SLURM_JOB_NODELIST:-${SLURM_NODE
 export MASTER_ADDR="${MASTER_ADDR:-${nodes[0]:-127.0.0.1}}"
 export MASTER_PORT="${MASTER_PORT:-$((15000 + SLURM_JOB_ID % 10000))}"
 
-# The W&B run of this output_dir (the wandb logger honours WANDB_RUN_ID, train/tracking.py). With output_dir or
+# The W&B run of this output_dir (the wandb logger honours WANDB_RUN_ID, train/runtime/tracking.py). With output_dir or
 # run_name given (to resume an older job's folder) the id saved in that folder (.wandb_run_id) continues its run.
 if ((output_given == 0)); then
   export WANDB_RUN_ID="${WANDB_RUN_ID:-${run_id}}"
@@ -72,7 +72,7 @@ echo "job ${SLURM_JOB_ID} (restart ${SLURM_RESTART_COUNT:-0}): ${SLURM_NNODES:-1
   "${SLURM_NTASKS_PER_NODE:-1} task(s), MASTER_ADDR=${MASTER_ADDR}:${MASTER_PORT}, W&B run ${WANDB_RUN_ID:-(saved)}"
 status=0
 # One task per GPU (--ntasks-per-node = --gpus-per-node, from the #SBATCH lines); every task sees all GPUs of its
-# node and Lightning picks cuda:<SLURM_LOCALID>. trainer.devices / num_nodes follow SLURM (train/cluster.py).
+# node and Lightning picks cuda:<SLURM_LOCALID>. trainer.devices / num_nodes follow SLURM (train/runtime/cluster.py).
 # ${a[@]+"${a[@]}"}: an empty array under `set -u` on bash < 4.4 (still common on cluster login images).
 srun --kill-on-bad-exit=1 "${ZEBRA_PYTHON:-python}" -m train ${outputs[@]+"${outputs[@]}"} "$@" || status=$?
 

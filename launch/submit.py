@@ -4,7 +4,8 @@
         -- kd.lr=1e-4 logger=wandb
 
 The preset and overrides are composed and validated here (train.config, the teacher's Hub config not fetched), and
-checked against the allocation asked for (train/cluster.py), so a typo fails in seconds with one line instead of after
+checked against the allocation asked for (train/runtime/cluster.py), so a typo fails in seconds with one line instead of
+after
 hours in the queue. Then the sbatch template (launch/zebra_1node.sbatch for one node, zebra_multinode.sbatch for
 more) is rendered with the SLURM options and the command's arguments into logs/<preset>-<time>.sbatch, and sbatch
 runs it from the current directory (outputs/ and logs/ land there). `--dry-run` prints the script instead.
@@ -48,8 +49,8 @@ def check_config(preset: str, overrides: Sequence[str], nodes: int, gpus_per_nod
     """Compose and validate the run's config as every rank of the job will, with the allocation it will get."""
     from omegaconf.errors import OmegaConfBaseException
 
-    from train.cluster import override_keys, resolve_devices, slurm_allocation
     from train.config import ConfigError, compose_config, composition_message, validate_config
+    from train.runtime.cluster import override_keys, resolve_devices, slurm_allocation
 
     args = [f"conf={preset}", *overrides]
     try:

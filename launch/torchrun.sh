@@ -7,7 +7,7 @@
 #
 # Lightning recognises torchrun (TorchElasticEnvironment: TORCHELASTIC_RUN_ID is set) and requires
 # trainer.devices x trainer.num_nodes == WORLD_SIZE. `python -m train` takes both from torchrun's LOCAL_WORLD_SIZE and
-# WORLD_SIZE (train/cluster.py): leave them unset, or give the values --nproc_per_node and --nnodes have.
+# WORLD_SIZE (train/runtime/cluster.py): leave them unset, or give the values --nproc_per_node and --nnodes have.
 # Every node must see the same output_dir (a shared file system) for checkpoints and resume. Stopping it (Ctrl-C,
 # SIGTERM) and running the same command again resumes from the last checkpoint.
 set -euo pipefail

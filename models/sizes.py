@@ -54,6 +54,20 @@ LLAMA_3_2_3B = dict(
     rope_parameters=LLAMA3_ROPE,
 )
 
+# A Llama trunk small enough for CPU tests and smoke benchmarks (2 query heads per KV head, as in GQA teachers);
+# tests override what they vary (vocabulary, depth, positions, tied embeddings).
+TINY_LLAMA = dict(
+    vocab_size=1024,  # the embedded tokenizer's
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=1024,
+    tie_word_embeddings=True,
+)
+
 # SmolLM2-135M-Instruct (the real teacher of bench/fidelity.py and conf/conf/smollm2_135m.yaml), tied embeddings.
 SMOLLM2_135M = dict(
     vocab_size=49152,

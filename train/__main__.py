@@ -42,7 +42,7 @@ def _one_line(message: str) -> str:
 
 def _exit(message: str, code: int) -> NoReturn:
     """Print one line on stderr (and into the run's log file), then exit with `code`."""
-    from train.redact import redact
+    from train.runtime.redact import redact
 
     line = redact(_one_line(message))
     record = logging.LogRecord(__name__, logging.ERROR, __file__, 0, line, None, None)
@@ -89,7 +89,7 @@ def _user_errors() -> dict[type, int]:
     """Exceptions that are the user's to fix or expected on clusters, with their exit codes (others: traceback)."""
     from data.sources import DataSourceError
     from models.teacher import TeacherLoadError
-    from train.faults import FaultError
+    from train.runtime.faults import FaultError
 
     return {
         ConfigError: EXIT_BAD_INPUT,
@@ -100,11 +100,12 @@ def _user_errors() -> dict[type, int]:
 
 
 def _apply_launcher(cfg: DictConfig) -> None:
-    """Under srun or torchrun, trainer.devices / trainer.num_nodes follow the allocation (train/cluster.py); values
+    """Under srun or torchrun, trainer.devices / trainer.num_nodes follow the allocation (train/runtime/cluster.py);
+    values
     given on the command line must match it."""
     from hydra.core.hydra_config import HydraConfig
 
-    from train.cluster import apply_allocation, override_keys
+    from train.runtime.cluster import apply_allocation, override_keys
 
     apply_allocation(cfg, os.environ, override_keys(HydraConfig.get().overrides.task))
 
@@ -114,21 +115,21 @@ def main(cfg: DictConfig) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
         _apply_launcher(cfg)
-        validate_config(cfg, fetch_teacher=True)
+        typed = validate_config(cfg, fetch_teacher=True)
     except (ConfigError, ValueError) as error:
         if _full_error():
             raise
         _exit(f"config error: {error}", EXIT_BAD_INPUT)
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-    from train import redact
     from train.pipeline import run  # heavy imports only after the config is known to be good
+    from train.runtime import redact
 
     redact.install()
     log.info("resolved config:\n%s", OmegaConf.to_yaml(cfg, resolve=True))
     errors = tuple(_user_errors().items())
     try:
-        run(cfg)
+        run(typed)  # the typed config the stages read
     except SIGTERMException:  # Lightning's own SIGTERM exit (a SystemExit with status 0): the run did not finish
         _exit("stopped by SIGTERM; rerun the same command to resume from the last checkpoint", 128 + signal.SIGTERM)
     except Exception as error:

@@ -20,6 +20,7 @@ from data.build import build_phases
 from data.config import DataConfig, SourceConfig
 from data.corpus import tiny_chat_path, tiny_corpus_path
 from data.packing import best_fit_decreasing, pieces
+from models.sizes import TINY_LLAMA
 
 SEQ_LEN = 96
 
@@ -50,15 +51,8 @@ def packed(tokenizer, shared_cache):
 
 
 def _teacher(kind: str, vocab: int, tmp_path, attn: str = "sdpa") -> torch.nn.Module:
-    common = dict(
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=128,
-        vocab_size=vocab,
-        max_position_embeddings=256,
-    )
+    common = {**TINY_LLAMA, "num_hidden_layers": 2, "vocab_size": vocab, "max_position_embeddings": 256}
+    common["tie_word_embeddings"] = False
     config = LlamaConfig(**common) if kind == "llama" else Qwen2Config(**common)
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / kind)

@@ -43,7 +43,7 @@ class Inject(L.Callback):
         if kind == "signal":
             os.kill(os.getpid(), getattr(signal, self.fault["signal"]))
         elif kind == "pause":
-            from train.preemption import PreemptionCheckpoint
+            from train.runtime.preemption import PreemptionCheckpoint
 
             watcher = next(c for c in trainer.callbacks if isinstance(c, PreemptionCheckpoint))
             Path(self.fault["marker"]).write_text(str(trainer.global_step))
@@ -86,9 +86,9 @@ def main() -> None:
     for fault in faults:
         if fault["kind"] == "kill9":
             kill_during_write(fault["stage"], fault["nth"])
-    import train.trainer
+    import train.runtime.trainer
 
-    make_trainer = train.trainer.make_trainer
+    make_trainer = train.runtime.trainer.make_trainer
 
     def with_faults(*args, **kwargs):
         trainer, checkpoint = make_trainer(*args, **kwargs)
@@ -97,7 +97,7 @@ def main() -> None:
                 trainer.callbacks.append(Inject(fault))
         return trainer, checkpoint
 
-    train.trainer.make_trainer = with_faults  # before train.pipeline imports it
+    train.runtime.trainer.make_trainer = with_faults  # before train.pipeline imports it
     runpy.run_module("train", run_name="__main__", alter_sys=True)
 
 

@@ -1,4 +1,5 @@
-"""DeepSpeed ZeRO-2 of the real pipeline on 2 CPU processes (gloo; train/deepspeed_strategy.py): ILD and KD train,
+"""DeepSpeed ZeRO-2 of the real pipeline on 2 CPU processes (gloo; train/runtime/deepspeed_strategy.py): ILD and KD
+train,
 SIGUSR1 in KD writes that step's sharded checkpoint (exit 138), resuming it on one process is refused in one line
 (exit 4), on two it finishes, and the saved students are DeepSpeed's consolidated fp32 master weights."""
 
@@ -11,8 +12,8 @@ import torch
 from safetensors.torch import load_file
 
 from bench.compare_losses import step_losses
-from train.checkpoint_io import deepspeed_world_size
-from train.deepspeed_strategy import consolidated_state_dict
+from train.runtime.checkpoint_io import deepspeed_world_size
+from train.runtime.deepspeed_strategy import consolidated_state_dict
 
 from .conftest import REPO, cli, driver_command, last_line, small
 

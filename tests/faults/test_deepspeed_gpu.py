@@ -10,7 +10,7 @@ import subprocess
 import pytest
 import torch
 
-from train.checkpoint_io import deepspeed_world_size
+from train.runtime.checkpoint_io import deepspeed_world_size
 
 from .conftest import REPO, cli, driver_command, last_line, small
 

@@ -91,8 +91,8 @@ class Payload:
 
 
 def test_checkpoints_load_with_weights_only(tmp_path, marker):
-    from train.checkpoint_io import AtomicCheckpointIO
-    from train.faults import CheckpointError
+    from train.runtime.checkpoint_io import AtomicCheckpointIO
+    from train.runtime.faults import CheckpointError
 
     io = AtomicCheckpointIO()
     good = tmp_path / "good.ckpt"
@@ -122,7 +122,7 @@ def test_secrets_stay_out_of_logs_configs_reports_and_checkpoints(reference, tmp
 
 
 def test_log_records_are_redacted(monkeypatch):
-    from train.redact import RedactingFilter
+    from train.runtime.redact import RedactingFilter
 
     monkeypatch.setenv("MY_SERVICE_API_KEY", "abcdefgh12345678")
     monkeypatch.setenv("SHORT_TOKEN", "1")  # too short to be a credential: left alone

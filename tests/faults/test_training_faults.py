@@ -15,10 +15,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from train.checkpoint_io import AtomicCheckpointIO, check_resumable
 from train.config import compose_config, validate_config
-from train.faults import CheckpointError, NonFiniteLossError
 from train.pipeline import run
+from train.runtime.checkpoint_io import AtomicCheckpointIO, check_resumable
+from train.runtime.faults import CheckpointError, NonFiniteLossError
 
 from .conftest import REPO, cli, driver_command, last_line, small
 
@@ -158,7 +158,7 @@ def test_nonfinite_loss_stop_policy_saves_a_checkpoint_and_says_so(tmp_path, tea
 
 
 def test_skips_beyond_max_skips_stop(tmp_path, teacher_cache):
-    from train.faults import NonFiniteLossGuard
+    from train.runtime.faults import NonFiniteLossGuard
 
     cfg = compose_config(small(tmp_path, teacher_cache, "stages=[init,ild]"))
     guard = NonFiniteLossGuard("skip", max_skips=1)
@@ -302,7 +302,7 @@ class AtBatch(L.Callback):
 def test_gradient_accumulation_faults_act_on_whole_steps(tmp_path, teacher_cache):
     """With 2 micro-batches per step: a NaN in the first micro-batch of step 2 drops that step's update; SIGUSR1 in
     the first micro-batch of step 3 stops after step 3's optimizer step (accumulated gradients are not saved)."""
-    from train.faults import Preempted
+    from train.runtime.faults import Preempted
 
     cfg = compose_config(small(tmp_path, teacher_cache, "stages=[init,ild]", "trainer.accumulate_grad_batches=2"))
     snapshots = Snapshots()

@@ -5,8 +5,7 @@ import pytest
 import torch
 
 from tests.train.test_kd_kernel import CASES, compare_fused_with_torch
-from train import kd_kernel
-from train.losses import KDLossConfig, kd_loss
+from train.losses import KDLossConfig, kd_kernel, kd_loss
 
 VOCAB = 128_256
 

@@ -1,4 +1,4 @@
-"""trainer.devices / trainer.num_nodes from SLURM and torchrun environments (train/cluster.py)."""
+"""trainer.devices / trainer.num_nodes from SLURM and torchrun environments (train/runtime/cluster.py)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from train.cluster import apply_allocation, override_keys
 from train.config import ConfigError, compose_config
+from train.runtime.cluster import apply_allocation, override_keys
 
 REPO = Path(__file__).resolve().parents[2]
 

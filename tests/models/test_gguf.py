@@ -15,6 +15,7 @@ from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 import models.gguf as gguf_module
 from models.gguf import find_gguf, gguf_config, materialize_gguf_teacher
+from models.sizes import TINY_LLAMA
 from models.teacher import TeacherLoadError, describe_teacher, load_teacher, resolve_teacher_path
 from train.config import ConfigError, compose_config, validate_config
 
@@ -34,14 +35,7 @@ def write_tiny_llama_gguf(path, quant=None, tied=True, extra=None):
     """A 2-layer GQA Llama (4 heads, 2 KV heads) written as a GGUF; returns the source model. `quant`: the ggml
     type of the matrices (None: float32, exact); `extra(writer)` adds metadata or tensors."""
     config = LlamaConfig(
-        vocab_size=len(TOKENS),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=256,
+        **{**TINY_LLAMA, "vocab_size": len(TOKENS), "num_hidden_layers": 2, "max_position_embeddings": 256},
         tie_word_embeddings=tied,
         rms_norm_eps=1e-5,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0},

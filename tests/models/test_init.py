@@ -5,21 +5,19 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
 from models.init import build_student_config, convert_teacher, energy_rank
+from models.sizes import TINY_LLAMA
 from models.teacher import describe_teacher, load_teacher, load_teacher_config
 
 from .tiny import rel_err
 
-COMMON = dict(
-    vocab_size=101,
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=3,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
-    max_position_embeddings=512,
-    tie_word_embeddings=False,
-)
+COMMON = {
+    **TINY_LLAMA,
+    "vocab_size": 101,
+    "intermediate_size": 96,
+    "num_hidden_layers": 3,
+    "max_position_embeddings": 512,
+    "tie_word_embeddings": False,
+}
 LLAMA3_ROPE = {
     "rope_type": "llama3",
     "rope_theta": 500000.0,

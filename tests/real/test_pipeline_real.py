@@ -10,8 +10,8 @@ import shutil
 
 from data.corpus import tiny_corpus_path
 from train.config import compose_config, validate_config
-from train.csv_log import read_metrics
 from train.pipeline import run
+from train.runtime.csv_log import read_metrics
 
 LAYERS = "[0,4,8,12,16,20,24,29]"  # the preset's SMART count (8), placed evenly: no select stage here
 

@@ -12,7 +12,6 @@ from omegaconf import OmegaConf
 
 from train.config import (
     CONF_DIR,
-    STAGES,
     ConfigError,
     MambaSettings,
     MLASettings,
@@ -20,6 +19,7 @@ from train.config import (
     student_init_kwargs,
     validate_config,
 )
+from train.stages import STAGE_NAMES as STAGES
 
 PRESETS = sorted(p.stem for p in (CONF_DIR / "conf").glob("*.yaml"))
 
@@ -233,6 +233,7 @@ def test_saved_untyped_config_validates_again():
 def test_schema_follows_the_model_configs():
     from models.config import MambaConfig, MLAConfig
 
+    assert issubclass(MLASettings, MLAConfig) and issubclass(MambaSettings, MambaConfig)  # one definition
     mla = {f.name for f in fields(MLASettings)}
     mamba = {f.name for f in fields(MambaSettings)}
     assert mla - {f.name for f in fields(MLAConfig)} == {"energy", "rope_pairs"}
@@ -245,9 +246,9 @@ def test_student_init_kwargs_feed_the_init_code():
     from models.config import MambaConfig, MLAConfig, config_from_dict
     from models.init import build_student_config
     from models.init.transfer import convert_teacher
-    from train.config import _teacher_spec, _typed
+    from train.config import teacher_spec, typed_config
 
-    cfg = _typed(compose_config(["conf=lossless"]))
+    cfg = typed_config(compose_config(["conf=lossless"]))
     kwargs = student_init_kwargs(cfg.student)
     inspect.signature(convert_teacher).bind(None, None, **kwargs)  # every key is an argument
     assert kwargs["lossless"] is True and kwargs["mla_layers"] == "all"
@@ -255,7 +256,7 @@ def test_student_init_kwargs_feed_the_init_code():
     config_from_dict(MLAConfig, kwargs["mla"])
     config_from_dict(MambaConfig, kwargs["mamba"])
     kwargs.pop("rope_pairs"), kwargs.pop("conv_init"), kwargs.pop("mixer_init")
-    student = build_student_config(_teacher_spec(cfg.teacher), **kwargs)
+    student = build_student_config(teacher_spec(cfg.teacher), **kwargs)
     assert student.mla_config.kv_lora_rank == 2 * 32 and student.mla_config.qk_rope_head_dim == 32  # exact GQA
 
 
@@ -266,8 +267,8 @@ STRATEGIES = sorted(p.stem for p in (CONF_DIR / "strategy").glob("*.yaml"))
 def test_strategy_group_entries_build_what_they_say(name):
     """Each conf/strategy entry composes and becomes the Lightning strategy its name promises: ZeRO stage and which
     of optimizer state and parameters leave the GPU (zero3_offload_optimizer keeps the parameters there)."""
-    from train.deepspeed_strategy import offloads_optimizer
-    from train.trainer import make_strategy
+    from train.runtime.deepspeed_strategy import offloads_optimizer
+    from train.runtime.trainer import make_strategy
 
     settings = OmegaConf.to_container(compose_config([f"strategy={name}"]).strategy, resolve=True)
     assert settings["name"] == name

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import csv
 
-from train.csv_log import ResumableCSVLogger
+from train.runtime.csv_log import ResumableCSVLogger
 
 
 def _rows(path) -> list[dict]:

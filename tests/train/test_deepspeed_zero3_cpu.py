@@ -25,9 +25,10 @@ from torch.utils.data import DataLoader
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from models import HybridForCausalLM
-from train.ild import ILDModule
-from train.kd import KDModule
+from models.sizes import TINY_LLAMA
 from train.losses import KDLossConfig
+from train.stages.ild import ILDModule
+from train.stages.kd import KDModule
 
 from ..models.tiny import tiny_model
 
@@ -68,15 +69,8 @@ class GradKD(_GradientsOut, KDModule):
 
 def teacher() -> LlamaForCausalLM:
     torch.manual_seed(1)
-    config = LlamaConfig(
-        vocab_size=97,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-    )
+    # LlamaConfig's own default of 2048 positions, as before the shared size existed.
+    config = LlamaConfig(**{**TINY_LLAMA, "vocab_size": 97, "num_hidden_layers": 2, "max_position_embeddings": 2048})
     return LlamaForCausalLM(config).eval()
 
 
@@ -116,8 +110,8 @@ def zero3_steps(out: Path) -> None:
     """One step of each stage under ZeRO-3 on 2 CPU processes; rank 0 writes the consolidated students."""
     import lightning as L
 
-    from train.deepspeed_strategy import consolidated_state_dict
-    from train.trainer import make_strategy
+    from train.runtime.deepspeed_strategy import consolidated_state_dict
+    from train.runtime.trainer import make_strategy
 
     for name, (module, prefix) in modules().items():
         strategy = make_strategy({"name": "deepspeed_zero3", "stage": 3})
@@ -154,7 +148,7 @@ def reference_step(module: ILDModule | KDModule) -> None:
 
 
 def test_zero3_ild_and_kd_steps_match_single_process(tmp_path):
-    from train.deepspeed_strategy import load_consolidated
+    from train.runtime.deepspeed_strategy import load_consolidated
 
     start = time.perf_counter()
     result = subprocess.run(

@@ -11,8 +11,8 @@ import sys
 import pytest
 import torch
 
-from train import kd_kernel
-from train.losses import KDLossConfig, _chunk_terms_torch
+from train.losses import KDLossConfig, kd_kernel
+from train.losses.kd import _chunk_terms_torch
 
 CASES = [  # (divergence, jsd_beta, temperature, kl_weight, ce_weight)
     ("forward_kl", 0.5, 1.0, 1.0, 0.0),

@@ -162,7 +162,7 @@ def test_all_stages_with_smart_selection_and_dpo(tmp_path, teacher_cache):
 
 
 def test_dpo_loss_matches_its_formula():
-    from train.dpo import dpo_terms
+    from train.stages.dpo import dpo_terms
 
     policy = torch.tensor([-3.0, -2.0, -5.0, -1.0])  # chosen rows first
     reference = torch.tensor([-4.0, -2.5, -4.5, -1.0])

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from train.sdpa_report import SDPAKernelReport
+from train.runtime.sdpa_report import SDPAKernelReport
 
 
 class TinyAttention(L.LightningModule):
@@ -51,7 +51,7 @@ def _fit(module: L.LightningModule, tmp_path, steps: int = 3) -> SDPAKernelRepor
 
 
 def test_fused_kernel_is_reported_without_a_warning(tmp_path, caplog):
-    with caplog.at_level(logging.INFO, logger="train.sdpa_report"):
+    with caplog.at_level(logging.INFO, logger="train.runtime.sdpa_report"):
         report = _fit(TinyAttention(None), tmp_path)
     assert report.kernels == {"flash_cpu": 1}  # one profiled step (the second), one call
     assert "kd: attention kernels in a training step: flash_cpu x1" in caplog.text
@@ -59,7 +59,7 @@ def test_fused_kernel_is_reported_without_a_warning(tmp_path, caplog):
 
 
 def test_math_fallback_is_reported_as_a_warning(tmp_path, caplog):
-    with caplog.at_level(logging.INFO, logger="train.sdpa_report"):
+    with caplog.at_level(logging.INFO, logger="train.runtime.sdpa_report"):
         report = _fit(TinyAttention([SDPBackend.MATH]), tmp_path)
     assert report.kernels == {"math": 1}
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]

@@ -4,7 +4,7 @@ import time
 
 import torch
 
-from train.distill_module import DistillModule
+from train.stages.module import DistillModule
 
 
 def test_step_wall_time_spans_batch_to_next_batch():

@@ -17,8 +17,8 @@ import pytest
 
 from tests.train.test_pipeline import Interrupt, small
 from train.pipeline import run
-from train.tracking import RUN_ID_FILE, layer_loss_rows, redacted
-from train.tracking import run_id as pipeline_run_id
+from train.runtime.tracking import RUN_ID_FILE, layer_loss_rows, redacted
+from train.runtime.tracking import run_id as pipeline_run_id
 
 
 @pytest.fixture(scope="module")
@@ -187,10 +187,10 @@ def test_resolved_config_masks_secret_values(monkeypatch):
 def test_other_loggers_do_not_import_wandb(tmp_path):
     """csv / none, and the tracking module itself, work where wandb is not installed (the GPU image)."""
     code = (
-        "import sys; from pathlib import Path; from train.trainer import make_logger; "
+        "import sys; from pathlib import Path; from train.runtime.trainer import make_logger; "
         f"make_logger({{'kind': 'csv'}}, Path({str(tmp_path)!r}) / 'kd', 'tiny'); "
         f"assert make_logger({{'kind': 'none'}}, Path({str(tmp_path)!r}), 'tiny') is False; "
-        "import train.tracking; assert 'wandb' not in sys.modules, 'wandb imported'"
+        "import train.runtime.tracking; assert 'wandb' not in sys.modules, 'wandb imported'"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[2])
     assert result.returncode == 0, result.stderr[-2000:]

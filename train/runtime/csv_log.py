@@ -3,7 +3,7 @@
 Lightning's CSVLogger deletes an existing metrics.csv when a new Trainer starts in the same folder, so a resumed
 stage would lose the history before the interruption (and the loss plot with it). This writer appends instead.
 Steps between the last checkpoint and a crash are logged again after the resume: `read_metrics` keeps the last
-value of a step (train/plots.py, bench/compare_losses.py read through it).
+value of a step (train/runtime/plots.py, bench/compare_losses.py read through it).
 """
 
 from __future__ import annotations

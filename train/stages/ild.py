@@ -1,21 +1,30 @@
-"""ILD: layer-wise distillation. Every student layer gets the teacher's input to that layer and learns to
+"""ild: layer-wise distillation. Every student layer gets the teacher's input to that layer and learns to
 reproduce the teacher layer's output and its attention (mixer) output; all layers train in one pass over
 one teacher forward. With `candidates` both an MLA and a Mamba2 student are aligned against the same
 teacher pass, so per-layer losses of both kinds exist for layer selection."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 from torch import nn
 from transformers import PreTrainedModel
 
+from data.datamodule import DistillDataModule
 from models import HybridForCausalLM
 from models.documents import documents_from_positions
 from models.flops import training_flops_per_token
+from train.losses import ILDLossConfig, ild_layer_loss
+from train.runtime.deepspeed_strategy import is_zero3
+from train.runtime.plots import plot_ild_layers
+from train.runtime.ranks import is_rank_zero
 
-from .deepspeed_strategy import is_zero3
-from .distill_module import DistillModule
-from .losses import ild_loss
+from .context import Context, load_student, write_json
+from .eval import eval_placement, placed
+from .init import CANDIDATES, wants_candidates
+from .module import DistillModule
 from .teacher_pass import TeacherTrace, trace_teacher
 
 
@@ -25,15 +34,13 @@ class ILDModule(DistillModule):
         students: dict[str, HybridForCausalLM],
         teacher: PreTrainedModel,
         optim: dict,
-        loss_kind: str = "mse",
-        output_weight: float = 1.0,
-        mixer_weight: float = 1.0,
+        loss: ILDLossConfig | None = None,
         trainable: str = "mixers",
     ):
-        """`students`: {"assigned": student} for a fixed layer map, or {"mla": all-MLA, "mamba": all-Mamba2}."""
+        """`students`: {"assigned": student} for a fixed layer map, or one all-<kind> candidate per mixer kind."""
         super().__init__(teacher, optim)
         self.students = nn.ModuleDict(students)
-        self.loss_kind, self.output_weight, self.mixer_weight = loss_kind, output_weight, mixer_weight
+        self.loss_cfg = loss or ILDLossConfig()
         self.trainable = trainable
         for student in self.students.values():
             student.requires_grad_(False)
@@ -70,9 +77,8 @@ class ILDModule(DistillModule):
                 hidden = trace.inputs[i].to(dtype)
                 hidden = hidden.detach().requires_grad_() if needs_input_grad else hidden
                 out, mixed = layer(hidden, cos, sin, docs, with_mixer=True)
-                losses[(name, i)] = self.output_weight * ild_loss(
-                    out, trace.outputs[i], mask, self.loss_kind
-                ) + self.mixer_weight * ild_loss(mixed, trace.attn_outputs[i], mask, self.loss_kind)
+                terms = ild_layer_loss(out, trace.outputs[i], mixed, trace.attn_outputs[i], mask, self.loss_cfg)
+                losses[(name, i)] = terms.loss
         return losses
 
     def training_step(self, batch, batch_idx):
@@ -110,3 +116,73 @@ def compose_student(candidates: dict[str, HybridForCausalLM], mixer_types: list[
                 state[name] = tensor
     student.load_state_dict(state, strict=True)
     return student
+
+
+def run(ctx: Context) -> dict:
+    init = ctx.stage_dir("init")
+    candidates = init / "candidates"
+    if wants_candidates(ctx.cfg) and candidates.exists():
+        sources = {kind: candidates / kind for kind in CANDIDATES}
+    else:
+        sources = {"assigned": init / "student"}
+    students = {name: load_student(path) for name, path in sources.items()}
+    c = ctx.cfg.ild
+    module = ILDModule(students, ctx.teacher, c.optimizer(), c, c.trainable)
+    trainer = ctx.fit("ild", module, "ild")
+    if not is_rank_zero():
+        return {}
+    trained = {
+        name: ctx.trained_student("ild", trainer, module.students[name], f"students.{name}.", path)
+        for name, path in sources.items()
+    }
+    # Per-layer losses of every candidate on held-out data (the input to layer selection).
+    layer_losses = heldout_layer_losses(ctx, trained, module)
+    write_json(ctx.stage_dir("ild") / "layer_losses.json", layer_losses)
+    if (init / "student" / "config.json").exists():  # a fixed map: the student is known now
+        mixer_types = load_student(init / "student").config.mixer_types
+        student = trained.get("assigned") or compose_student(trained, mixer_types)
+        ctx.save_student(student, ctx.stage_dir("ild") / "student")
+    if "assigned" not in trained:
+        for kind, candidate in trained.items():
+            ctx.save_student(candidate, ctx.stage_dir("ild") / "candidates" / kind)
+    plot_ild_layers(layer_losses, ctx.out / "ild_layer_losses.png")
+    ctx.report["ild"] = {"tokens_seen": module.tokens_seen, "layer_losses": layer_losses}
+    return {"tokens_seen": module.tokens_seen}
+
+
+@torch.no_grad()
+def heldout_layer_losses(
+    ctx: Context, students: dict[str, HybridForCausalLM], module: ILDModule
+) -> dict[str, dict[str, float]]:
+    """{layer: {candidate: mean held-out ILD loss}} on rank 0, with the stage's loss settings, on the training
+    stages' device and precision."""
+    placement = eval_placement(ctx.cfg.trainer)
+    probe = ILDModule(students, ctx.teacher, module.optim, module.loss_cfg).eval()
+    data = DistillDataModule(ctx.data_cfg, ctx.tokenizer, "ild")
+    data.setup()
+    sums: dict[tuple[str, int], float] = {}
+    batches = 0
+    with placed({"probe": probe}, placement):
+        for batch in data.val_dataloader():
+            if ctx.cfg.eval.max_batches is not None and batches >= ctx.cfg.eval.max_batches:
+                break
+            batch = {k: v.to(placement.device) for k, v in batch.items()}
+            for key, value in probe.layer_losses(batch).items():
+                sums[key] = sums.get(key, 0.0) + float(value)
+            batches += 1
+    layer_losses: dict[str, dict[str, float]] = {}
+    for (name, layer), total in sums.items():
+        layer_losses.setdefault(str(layer), {})[name] = total / max(batches, 1)
+    return layer_losses
+
+
+def wandb_log(run, out: Path, report: dict, entry: dict) -> None:
+    """The per-layer held-out losses as a W&B table, in the row of the stage's plot."""
+    import wandb
+
+    from train.runtime.tracking import layer_loss_rows
+
+    losses = out / "ild" / "layer_losses.json"
+    if losses.exists():
+        rows = layer_loss_rows(json.loads(losses.read_text()))
+        entry["ild/layer_losses"] = wandb.Table(columns=["layer", "candidate", "loss"], data=rows)

@@ -9,12 +9,12 @@
 - under ZeRO-3 each student decoder layer is a ZeRO "leaf" module: its parameters are gathered once when the layer
   starts, for forward and again for backward (the mixers read some weights directly, e.g. the depthwise conv
   kernel, instead of calling their submodules, which per-submodule gathering would miss). Their gradients are
-  reduced in a hook that runs after the layer's backward only if a layer input requires grad (train/ild.py).
+  reduced in a hook that runs after the layer's backward only if a layer input requires grad (train/stages/ild.py).
 
 Parameters read outside their module's forward (KD's lm_head weight, tied or not) need nothing here: DeepSpeed
 gathers a parameter read as a module attribute during the engine's forward (its external-parameter discovery).
 
-The frozen teacher is never part of the LightningModule's module tree (train/distill_module.py), so it is neither
+The frozen teacher is never part of the LightningModule's module tree (train/stages/module.py), so it is neither
 partitioned, nor in the optimizer, nor in checkpoints; it is built with plain `from_pretrained` before the Trainer
 exists, so no `zero.Init` context ever meets Hugging Face's weight loading.
 

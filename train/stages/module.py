@@ -10,9 +10,8 @@ import torch
 from transformers import PreTrainedModel
 
 from models.flops import attention_context
-
-from .deepspeed_strategy import offloads_optimizer
-from .optim import adamw_cosine
+from train.runtime.deepspeed_strategy import offloads_optimizer
+from train.runtime.optim import adamw_cosine
 
 
 class DistillModule(L.LightningModule):

@@ -4,10 +4,11 @@
   continues its run), else the id saved in `<output_dir>/.wandb_run_id`, else a new one saved there; rerunning the
   same command therefore resumes the same W&B run (`resume="allow"`). Name, project, entity, group and tags come
   from the `logger` config group.
-- The whole resolved config (secret values masked, train/redact.py) is the run's config.
+- The whole resolved config (secret values masked, train/runtime/redact.py) is the run's config.
 - Stages share the run: `StageWandbLogger` prefixes every metric with its stage (`ild/train/loss`,
   `kd/train/loss`) and logs a per-stage step (`ild/step`), the x-axis of that stage's charts.
-- After ILD the held-out per-layer losses go in as a table and the bar plot; after eval the report is uploaded;
+- When a stage ends, its plots and what its own `wandb_log` adds (train/stages/__init__.py: ILD's per-layer
+  held-out losses as a table, eval's numbers as summary values); after eval the report is uploaded;
   at the end report.json, the PNG plots and the stage summaries (selection.json, layer_losses.json) form the
   `report-<run id>` artifact. Student weights stay out unless `logger.log_model=true`.
 
@@ -16,19 +17,21 @@ Only global rank 0 creates the run and logs to it. wandb is imported only when `
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import secrets
 import string
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
-from omegaconf import DictConfig, OmegaConf
 
 from .redact import redact, secret_values
+
+if TYPE_CHECKING:
+    from train.config import TrainConfig
 
 log = logging.getLogger(__name__)
 RUN_ID_FILE = ".wandb_run_id"
@@ -78,9 +81,9 @@ class Tracker:
         self.run, self.out, self.log_model = run, out, log_model
 
     @classmethod
-    def start(cls, cfg: DictConfig, out: Path) -> Tracker:
+    def start(cls, cfg: TrainConfig, out: Path) -> Tracker:
         """Create or resume the run of `out` (W&B logger, global rank 0 only); log the resolved config."""
-        logger = OmegaConf.to_container(cfg.logger, resolve=True)
+        logger = asdict(cfg.logger)
         if logger.get("kind") != "wandb" or not _is_global_zero():
             return cls()
         import wandb
@@ -89,7 +92,7 @@ class Tracker:
         if wandb.run is not None and wandb.run.id != settings["id"]:
             wandb.run.finish()  # a run left open in this process (a caller's own) must not receive this one's data
         run = wandb.init(**settings)
-        config = redacted(OmegaConf.to_container(cfg, resolve=True))
+        config = redacted(asdict(cfg))
         run.config.update(config, allow_val_change=True)  # a resumed run may have changed an override
         log.info("W&B run %s (%s) in %s", run.id, run.name, wandb_dir(logger, out))
         return cls(run, out, bool(logger.get("log_model", False)))
@@ -109,26 +112,21 @@ class Tracker:
             return
         import wandb
 
+        from train.stages import stage as registered
+
         seconds = report.get("stage_seconds", {}).get(stage)
         if seconds is not None:
             self.run.summary[f"stage_seconds/{stage}"] = seconds
-        if stage == "ild":
-            losses = self.out / "ild" / "layer_losses.json"
-            if losses.exists():
-                rows = layer_loss_rows(json.loads(losses.read_text()))
-                entry = {"ild/layer_losses": wandb.Table(columns=["layer", "candidate", "loss"], data=rows)}
-                plot = self.out / "ild_layer_losses.png"
-                if plot.exists():
-                    entry["ild/layer_losses_plot"] = wandb.Image(str(plot))
-                self.run.log(entry)
-        elif stage == "select" and (self.out / "select_scores.png").exists():
-            self.run.log({"select/scores_plot": wandb.Image(str(self.out / "select_scores.png"))})
-        elif stage == "eval":
-            for model, row in report.get("eval", {}).items():
-                for key, value in row.items():
-                    if isinstance(value, (int, float)):
-                        self.run.summary[f"eval/{model.replace(' ', '_')}/{key}"] = value
-            self._upload_report("eval")
+        entry: dict[str, Any] = {}
+        definition = registered(stage)
+        definition.wandb_log(self.run, self.out, report, entry)
+        for key, file in definition.plots:
+            if (self.out / file).exists():
+                entry[key] = wandb.Image(str(self.out / file))
+        if entry:
+            self.run.log(entry)
+        if definition.uploads_report:
+            self._upload_report(stage)
 
     def pipeline_done(self, report: dict) -> None:
         """Upload report.json, the plots and the stage summaries; the exported student with logger.log_model."""

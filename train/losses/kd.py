@@ -1,7 +1,5 @@
-"""Distillation losses: end-to-end KD on the logits (chunked over tokens) and ILD on hidden states.
+"""End-to-end KD on the logits, chunked over tokens (`kd_loss`):
 
-KD (`kd_loss`)
---------------
     loss = kl_weight * D + ce_weight * CE
 
 Both terms are means over the valid tokens (targets != -100) of the whole batch: one mean over all valid
@@ -28,22 +26,15 @@ gradient with respect to the student's logits in closed form (forward KL with T^
 and bias (a "manual per-chunk backward": nothing of the chunk is kept for autograd and nothing is
 recomputed). The
 autograd node only multiplies those stored gradients by the incoming scalar. On CUDA one fused Triton kernel
-(train/kd_kernel.py, `use_triton`) computes a chunk's softmaxes, divergence, CE and gradient from the two
+(train/losses/kd_kernel.py, `use_triton`) computes a chunk's softmaxes, divergence, CE and gradient from the two
 logit tensors in the matmul dtype, writing the gradient over the student's: peak extra memory is those two
 (chunk_tokens, V) tensors. The torch path (CPU, fp64, use_triton=False) keeps three (chunk_tokens, V) fp32
 tensors for forward / reverse KL, four for JSD, one more when ce_weight > 0 (measured in the tests). Both add
 an fp32 (V, D) accumulator for the weight gradient. Softmaxes run in fp32 (fp64 if the inputs are fp64);
 matmuls run in the inputs' dtype, or the autocast dtype when autocast is on, as the model's own lm_head would.
 
-`kd_loss_ref` is the plain full-vocabulary autograd version (same signature) and `divergence_from_logits`
-the per-token reference divergence; the tests hold the chunked path to both.
-
-ILD (`ild_loss`, `ild_layer_loss`)
-----------------------------------
-Student vs teacher hidden states (B, T, H) over the real tokens of `mask` (B, T), in fp32:
-- "mse": mean of squared differences over valid tokens and hidden dims = sum (s - t)^2 / (N * H)
-- "l2":  mean over valid tokens of the per-token L2 norm = sum_tokens ||s - t||_2 / N
-The teacher side is a target (detached). Padded positions contribute nothing, whatever they hold.
+`kd_loss_ref` (train/losses/kd_reference.py) is the plain full-vocabulary autograd version (same signature) and
+`divergence_from_logits` the per-token reference divergence; the tests hold the chunked path to both.
 """
 
 from __future__ import annotations
@@ -59,11 +50,10 @@ from . import kd_kernel
 
 IGNORE_INDEX = -100
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
-ILD_KINDS = ("mse", "l2")
 
 
 def _fail(key: str, value: object, allowed: str) -> None:
-    raise ValueError(f"{key}={value!r} is invalid: {allowed}")
+    raise ValueError(f"{key}={value!r} is invalid; allowed: {allowed}")
 
 
 def _check_weight(key: str, value: object) -> None:
@@ -87,7 +77,7 @@ class KDLossConfig:
     # Valid tokens per logits chunk; peak memory: 2 (chunk_tokens, V) bf16 tensors with the fused kernel (1 GB
     # each at 4096 x 128K), 3-5 fp32 ones (2 GB each) on the torch path.
     chunk_tokens: int = 4096
-    # CUDA logits: one fused Triton kernel per chunk (train/kd_kernel.py) when Triton is importable.
+    # CUDA logits: one fused Triton kernel per chunk (train/losses/kd_kernel.py) when Triton is importable.
     use_triton: bool = True
 
     def __post_init__(self) -> None:
@@ -95,7 +85,7 @@ class KDLossConfig:
 
     def validate(self, key: str = "kd") -> None:
         if self.divergence not in DIVERGENCES:
-            _fail(f"{key}.divergence", self.divergence, f"one of {DIVERGENCES}")
+            _fail(f"{key}.divergence", self.divergence, " | ".join(DIVERGENCES))
         beta = self.jsd_beta
         if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0.0 <= beta <= 1.0:
             _fail(f"{key}.jsd_beta", beta, "a number in [0, 1]")
@@ -126,24 +116,6 @@ class KDLossConfig:
 
 
 @dataclass
-class ILDLossConfig:
-    """Layer-wise alignment: output_weight * ild(layer out) + mixer_weight * ild(mixer out vs teacher attention)."""
-
-    kind: str = "mse"  # "mse" (mean over tokens and dims) or "l2" (mean over tokens of the per-token L2 norm)
-    mixer_weight: float = 1.0
-    output_weight: float = 1.0
-
-    def __post_init__(self) -> None:
-        self.validate()
-
-    def validate(self, key: str = "ild") -> None:
-        if self.kind not in ILD_KINDS:
-            _fail(f"{key}.kind", self.kind, f"one of {ILD_KINDS}")
-        _check_weight(f"{key}.mixer_weight", self.mixer_weight)
-        _check_weight(f"{key}.output_weight", self.output_weight)
-
-
-@dataclass
 class KDLossOutput:
     loss: torch.Tensor  # scalar, fp32 (fp64 for fp64 inputs); the only differentiable field
     divergence: torch.Tensor  # scalar, detached: D as it enters the loss (T^2 included when scale_by_t2)
@@ -152,42 +124,12 @@ class KDLossOutput:
     top1_agreement: torch.Tensor  # scalar, detached: share of valid tokens where the argmaxes agree (0 if none)
 
 
-@dataclass
-class ILDLayerLoss:
-    loss: torch.Tensor  # output_weight * output + mixer_weight * mixer, differentiable
-    output: torch.Tensor  # detached parts, for logging
-    mixer: torch.Tensor
-
-
 # ------------------------------------------------------------------------------------- KD: the reference
 
 
 def _softmax_dtype(dtype: torch.dtype) -> torch.dtype:
     """fp32 for fp32 and lower precisions, fp64 stays fp64."""
     return torch.promote_types(dtype, torch.float32)
-
-
-def divergence_from_logits(
-    student_logits: torch.Tensor, teacher_logits: torch.Tensor, cfg: KDLossConfig
-) -> torch.Tensor:
-    """Per-token D (..., V) -> (...), full vocabulary, plain autograd: the reference for the chunked path.
-
-    Temperature and the T^2 factor as configured; differentiable in both arguments (kd_loss treats the
-    teacher as a constant)."""
-    dtype = _softmax_dtype(student_logits.dtype)
-    temp = float(cfg.temperature)
-    logq = F.log_softmax(student_logits.to(dtype) / temp, dim=-1)
-    logp = F.log_softmax(teacher_logits.to(dtype) / temp, dim=-1)
-    name = cfg.resolved_divergence
-    if name == "forward_kl":
-        div = (logp.exp() * (logp - logq)).sum(-1)
-    elif name == "reverse_kl":
-        div = (logq.exp() * (logq - logp)).sum(-1)
-    else:
-        beta = float(cfg.jsd_beta)
-        logm = torch.logaddexp(logp + math.log(beta), logq + math.log1p(-beta))
-        div = beta * (logp.exp() * (logp - logm)).sum(-1) + (1 - beta) * (logq.exp() * (logq - logm)).sum(-1)
-    return div * cfg.t2_factor
 
 
 def _check_kd_inputs(student_hidden, student_head_weight, teacher_hidden, teacher_head_weight, targets) -> None:
@@ -209,36 +151,6 @@ def _check_kd_inputs(student_hidden, student_head_weight, teacher_hidden, teache
             f"kd_loss: vocabularies differ (student {student_head_weight.shape[0]}, "
             f"teacher {teacher_head_weight.shape[0]}); the student must use the teacher's (padded) vocabulary"
         )
-
-
-def kd_loss_ref(
-    student_hidden: torch.Tensor,
-    student_head_weight: torch.Tensor,
-    teacher_hidden: torch.Tensor,
-    teacher_head_weight: torch.Tensor,
-    targets: torch.Tensor,
-    cfg: KDLossConfig,
-    student_head_bias: torch.Tensor | None = None,
-    teacher_head_bias: torch.Tensor | None = None,
-) -> KDLossOutput:
-    """`kd_loss` computed the obvious way: full (B, T, V) logits for both models, autograd. Tests only."""
-    _check_kd_inputs(student_hidden, student_head_weight, teacher_hidden, teacher_head_weight, targets)
-    dtype = _softmax_dtype(student_hidden.dtype)
-    valid = targets != IGNORE_INDEX
-    student_logits = F.linear(student_hidden, student_head_weight, student_head_bias).to(dtype)[valid]  # (N, V)
-    with torch.no_grad():
-        teacher_logits = F.linear(teacher_hidden, teacher_head_weight, teacher_head_bias).to(dtype)[valid]
-    n = student_logits.shape[0]
-    div = divergence_from_logits(student_logits, teacher_logits, cfg).sum() / max(n, 1)
-    ce = F.cross_entropy(student_logits, targets[valid].long(), reduction="sum") / max(n, 1)
-    agree = (student_logits.argmax(-1) == teacher_logits.argmax(-1)).sum() / max(n, 1)
-    return KDLossOutput(
-        loss=cfg.kl_weight * div + cfg.ce_weight * ce,
-        divergence=div.detach(),
-        ce=ce.detach(),
-        num_tokens=n,
-        top1_agreement=agree.to(dtype),
-    )
 
 
 # --------------------------------------------------------------------------------------- KD: the chunks
@@ -289,7 +201,7 @@ def _chunk_terms(student, teacher, targets, cfg: KDLossConfig, coefs, dtype: tor
 
     Returns per-token D (with T^2), CE and top-1 agreement, and, when `coefs` = (div_coef, ce_coef) is given,
     d(loss)/dz = div_coef * dD/d(z / T) + ce_coef * dCE/dz for the student logits z (n, V), or None.
-    CUDA logits go through the fused Triton kernel (train/kd_kernel.py), everything else through the torch
+    CUDA logits go through the fused Triton kernel (train/losses/kd_kernel.py), everything else through the torch
     twin below; both give the same values."""
     if cfg.use_triton and student[0].is_cuda and dtype == torch.float32 and kd_kernel.triton_available():
         div, ce, agree, grad = kd_kernel.kd_chunk_fused(
@@ -463,51 +375,3 @@ def kd_loss(
     else:
         (loss, div, ce, agree), _ = _kd_chunks(*student, t_hidden, t_weight, t_bias, labels, cfg, (False,) * 3)
     return KDLossOutput(loss=loss, divergence=div, ce=ce, num_tokens=int(valid.numel()), top1_agreement=agree)
-
-
-# ------------------------------------------------------------------------------------------------ ILD
-
-
-def ild_loss(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor, kind: str = "mse") -> torch.Tensor:
-    """Student vs teacher hidden states (B, T, H) over the real tokens of `mask` (B, T); scalar, fp32.
-
-    "mse": sum (s - t)^2 / (N * H); "l2": sum_tokens ||s - t||_2 / N, with N the number of real tokens.
-    Padded positions are excluded whatever they hold (NaN included); no real tokens give a zero loss still
-    connected to `student`. The teacher is detached. No host sync."""
-    if kind not in ILD_KINDS:
-        _fail("ild.kind", kind, f"one of {ILD_KINDS}")
-    if student.shape != teacher.shape or mask.shape != student.shape[:-1]:
-        raise ValueError(
-            f"ild_loss: student {tuple(student.shape)}, teacher {tuple(teacher.shape)} and mask "
-            f"{tuple(mask.shape)} must be (B, T, H), (B, T, H) and (B, T)"
-        )
-    dtype = _softmax_dtype(student.dtype)
-    real = mask.bool()
-    diff = torch.where(real[..., None], student.to(dtype) - teacher.detach().to(dtype), 0.0)  # (B, T, H)
-    n = real.sum().clamp_min(1).to(dtype)
-    if kind == "mse":
-        return diff.square().sum() / (n * student.shape[-1])
-    return torch.linalg.vector_norm(diff, dim=-1).sum() / n  # zero rows have a zero (not NaN) gradient
-
-
-def ild_layer_loss(
-    student_out: torch.Tensor,
-    teacher_out: torch.Tensor,
-    student_mixer: torch.Tensor,
-    teacher_mixer: torch.Tensor,
-    mask: torch.Tensor,
-    cfg: ILDLossConfig,
-) -> ILDLayerLoss:
-    """One layer: output_weight * ild(layer output) + mixer_weight * ild(student mixer vs teacher attention).
-    A term with weight 0 is still reported but kept out of the graph."""
-
-    def term(s, t, weight):
-        if weight == 0:
-            with torch.no_grad():
-                return ild_loss(s, t, mask, cfg.kind)
-        return ild_loss(s, t, mask, cfg.kind)
-
-    output = term(student_out, teacher_out, cfg.output_weight)
-    mixer = term(student_mixer, teacher_mixer, cfg.mixer_weight)
-    loss = cfg.output_weight * output + cfg.mixer_weight * mixer
-    return ILDLayerLoss(loss=loss, output=output.detach(), mixer=mixer.detach())

@@ -14,7 +14,9 @@ from .csv_log import read_metrics  # noqa: E402
 
 def plot_losses(run_dir: Path, target: Path) -> Path | None:
     """train/loss and val/loss of each training stage (from the CSV logs)."""
-    stages = [s for s in ("ild", "kd") if (run_dir / s / "logs" / "metrics.csv").exists()]
+    from train.stages import TRAINING_STAGES
+
+    stages = [s for s in TRAINING_STAGES if (run_dir / s / "logs" / "metrics.csv").exists()]
     if not stages:
         return None
     fig, axes = plt.subplots(1, len(stages), figsize=(5 * len(stages), 3.5), squeeze=False)

@@ -1,4 +1,4 @@
-"""KD: end-to-end distillation against the teacher's logits (KL / reverse KL / JSD + optional CE), the
+"""kd: end-to-end distillation against the teacher's logits (KL / reverse KL / JSD + optional CE), the
 logits computed inside the chunked loss so no full-vocabulary batch of them exists."""
 
 from __future__ import annotations
@@ -9,9 +9,11 @@ from transformers import PreTrainedModel
 from data.batch import shift_labels, teacher_inputs
 from models import HybridForCausalLM
 from models.flops import training_flops_per_token
+from train.losses import KDLossConfig, kd_loss
+from train.runtime.ranks import is_rank_zero
 
-from .distill_module import DistillModule
-from .losses import KDLossConfig, kd_loss
+from .context import Context, load_student
+from .module import DistillModule
 
 
 class KDModule(DistillModule):
@@ -62,3 +64,18 @@ class KDModule(DistillModule):
         self.log("val/kd/top1_agreement", out.top1_agreement, on_epoch=True, sync_dist=True)
         # The student's own held-out CE, computed by the loss whatever ce_weight is: the quality-vs-tokens curve.
         self.log("val/kd/ce", out.ce, on_epoch=True, sync_dist=True)
+
+
+def run(ctx: Context) -> dict:
+    source = ctx.latest_student_dir()
+    student = load_student(source)
+    if ctx.cfg.student.gradient_checkpointing:
+        student.gradient_checkpointing_enable()
+    module = KDModule(student, ctx.teacher, ctx.cfg.kd.optimizer(), ctx.cfg.kd.loss())
+    trainer = ctx.fit("kd", module, "kd")
+    if not is_rank_zero():
+        return {}
+    trained = ctx.trained_student("kd", trainer, module.student, "student.", source)
+    ctx.save_student(trained, ctx.stage_dir("kd") / "student")
+    ctx.report["kd"] = {"tokens_seen": module.tokens_seen}
+    return {"tokens_seen": module.tokens_seen}

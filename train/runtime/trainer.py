@@ -39,7 +39,7 @@ def make_strategy(strategy: dict) -> Any:
 def make_logger(logger: dict, stage_dir: Path, run_name: str) -> Any:
     """The Lightning logger(s) of one stage: `stage_dir` is `<output_dir>/<stage>`.
 
-    csv: `<stage>/logs/metrics.csv`. wandb: the pipeline's one W&B run (train/tracking.py), metrics under
+    csv: `<stage>/logs/metrics.csv`. wandb: the pipeline's one W&B run (train/runtime/tracking.py), metrics under
     `<stage>/...`, plus the same CSV (the loss-curve plot reads it). none: no logger.
     """
     kind = logger.get("kind", "csv")

@@ -20,8 +20,7 @@ from data.batch import teacher_inputs
 from data.config import DataConfig
 from data.corpus import tiny_tokenizer_path
 from data.datamodule import DistillDataModule
-
-from .config import tiny_teacher_positions
+from train.config import tiny_teacher_positions
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ Reads use `torch.load(weights_only=True)`: tensors, numbers, strings and contain
 cannot run code. An unreadable file (truncated, not a checkpoint) raises `CheckpointError`.
 
 `check_resumable` refuses resumes that cannot work, before anything loads: a DeepSpeed (ZeRO) checkpoint directory
-under another strategy or world size, a single-file checkpoint under DeepSpeed (`train.deepspeed_strategy` runs
+under another strategy or world size, a single-file checkpoint under DeepSpeed (`train.runtime.deepspeed_strategy` runs
 it for DeepSpeed, `AtomicCheckpointIO.load_checkpoint` for every other strategy). Single-file checkpoints (DDP,
 single device) hold the full state and resume at any world size (the data stream re-splits, data/README.md).
 """

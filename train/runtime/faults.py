@@ -4,8 +4,8 @@
 3 for a non-finite loss that stopped a stage, 4 for checkpoint trouble (a failed write, an unreadable or
 incompatible checkpoint), 128 + the signal number for a stop on SIGTERM / SIGUSR1 after the checkpoint.
 
-`NonFiniteLossGuard` (a Lightning callback that `train.trainer.make_trainer` always adds) checks the losses of an
-optimizer step and its gradients before the update (one sync per step). A NaN / inf in either drops the update: the
+`NonFiniteLossGuard` (a Lightning callback that `train.runtime.trainer.make_trainer` always adds) checks the losses of
+an optimizer step and its gradients before the update (one sync per step). A NaN / inf in either drops the update: the
 gradients are cleared so AdamW leaves weights and moments untouched (like fp16 loss scaling, the step counter
 and the LR schedule still advance). Under DeepSpeed the engine discards steps with non-finite gradients itself
 (ZeRO-1/2 bf16 `check_grad_overflow`, ZeRO-3 invalid grad norm, fp16 loss scaling); the guard only counts them.

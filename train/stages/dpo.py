@@ -1,4 +1,4 @@
-"""DPO: sigmoid preference loss against a frozen reference (the KD student as it entered this stage).
+"""dpo: sigmoid preference loss against a frozen reference (the KD student as it entered this stage).
 
 loss = -log sigmoid(beta * [(log pi(c) - log ref(c)) - (log pi(r) - log ref(r))]) over a pair's answer
 tokens (the prompt is masked). The implicit rewards beta * (log pi - log ref) give the logged reward margin
@@ -8,13 +8,22 @@ checkpointed.
 
 from __future__ import annotations
 
+import functools
+import logging
+
 import torch
 import torch.nn.functional as F
+from torch.utils.data import DataLoader
 
 from data.batch import shift_labels
+from data.preferences import collate_pairs, preference_splits
 from models import HybridForCausalLM
+from train.runtime.ranks import is_rank_zero
 
-from .distill_module import DistillModule
+from .context import Context, load_student
+from .module import DistillModule
+
+log = logging.getLogger(__name__)
 
 
 def sequence_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -85,3 +94,34 @@ def preference_metrics(policy, reference, batches, beta: float) -> dict[str, flo
         likes += (p[:half] > p[half:]).float().sum().item()
         count += half
     return {"reward_margin": margins / count, "reward_accuracy": wins / count, "likelihood_accuracy": likes / count}
+
+
+def run(ctx: Context) -> dict:
+    """Preference tuning of the latest student against a frozen copy of itself."""
+    c = ctx.cfg.dpo
+    source = ctx.latest_student_dir()
+    policy, reference = load_student(source), load_student(source)
+    train_pairs, eval_pairs = preference_splits(list(c.sources), ctx.tokenizer, ctx.data_cfg.seq_len, ctx.cfg.seed)
+    pad = ctx.tokenizer.pad_token_id if ctx.tokenizer.pad_token_id is not None else ctx.tokenizer.eos_token_id
+    collate = functools.partial(collate_pairs, pad_id=pad)
+    batch = ctx.data_cfg.micro_batch_size
+    generator = torch.Generator().manual_seed(ctx.cfg.seed)
+    loaders = {
+        "train": DataLoader(train_pairs, batch_size=batch, shuffle=True, generator=generator, collate_fn=collate),
+        "val": DataLoader(eval_pairs, batch_size=batch, collate_fn=collate),
+    }
+    before = preference_metrics(policy, reference, loaders["val"], c.beta)
+    module = DPOModule(policy, reference, c.optimizer(), c.beta)
+    trainer = ctx.fit("dpo", module, None, loaders)
+    if not is_rank_zero():
+        return {}
+    policy = ctx.trained_student("dpo", trainer, module.policy, "policy.", source)
+    after = preference_metrics(policy, reference.to(policy.device), loaders["val"], c.beta)
+    log.info("dpo held-out: before %s, after %s", before, after)
+    ctx.save_student(policy, ctx.stage_dir("dpo") / "student")
+    ctx.report["dpo"] = {
+        "pairs": {"train": len(train_pairs), "held_out": len(eval_pairs)},
+        "before": before,
+        "after": after,
+    }
+    return {"before": before, "after": after}

@@ -1,0 +1,138 @@
+"""What every stage gets: the run's typed config, the loaded teacher and tokenizer, the report, and the few things
+stages share (where a stage's folder and the latest student are, saving and loading students, fitting a
+LightningModule with resume, the trained weights out of DeepSpeed)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from data.config import DataConfig
+from data.datamodule import DistillDataModule
+from models import HybridForCausalLM
+from models.teacher import TeacherSpec
+from train.config import TrainConfig
+from train.runtime.deepspeed_strategy import consolidated_state_dict, is_deepspeed, load_consolidated
+from train.runtime.faults import FaultError
+from train.runtime.trainer import make_trainer
+
+from . import STUDENT_STAGES
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Context:
+    cfg: TrainConfig
+    out: Path
+    teacher: PreTrainedModel
+    spec: TeacherSpec
+    teacher_path: str
+    tokenizer: PreTrainedTokenizerBase
+    report: dict = field(default_factory=dict)
+    callbacks: dict[str, list] = field(default_factory=dict)  # extra Lightning callbacks per stage (tests, tools)
+
+    @property
+    def data_cfg(self) -> DataConfig:
+        return self.cfg.data
+
+    def stage_dir(self, stage: str) -> Path:
+        return self.out / stage
+
+    def latest_student_dir(self) -> Path:
+        """The student of the last stage that made one (the registry says which stages do)."""
+        for stage in reversed(STUDENT_STAGES):
+            path = self.stage_dir(stage) / "student"
+            if (path / "config.json").exists():
+                return path
+        raise FileNotFoundError(f"no student under {self.out}: run the init stage first")
+
+    def save_student(self, student: HybridForCausalLM, path: Path, dtype: torch.dtype | None = None) -> None:
+        save_student(student, path, self.tokenizer, dtype)
+
+    def fit(self, stage: str, module: L.LightningModule, phase: str | None, loaders: dict | None = None) -> L.Trainer:
+        """Train one stage (resuming from its last checkpoint); `phase` picks the distillation stream, or
+        `loaders` (train/val DataLoaders) give another one (DPO's preference pairs)."""
+        schedule = getattr(self.cfg, stage)
+        folder = self.stage_dir(stage)
+        trainer, _ = make_trainer(
+            asdict(self.cfg.trainer),
+            asdict(self.cfg.strategy),
+            asdict(self.cfg.logger),
+            folder,
+            self.cfg.run_name,
+            schedule.max_steps,
+            schedule.val_every_n_steps,
+            schedule.checkpoint_every_n_steps,
+            self.cfg.eval.max_batches,
+            self.callbacks.get(stage),
+            faults=asdict(self.cfg.faults),
+        )
+        last = folder / "checkpoints" / "last.ckpt"
+        resume = str(last) if last.exists() else None
+        if resume:
+            log.info("stage %s: resuming from %s", stage, last)
+        if phase is not None:
+            trainer.fit(
+                module, datamodule=DistillDataModule(self.data_cfg, self.tokenizer, phase=phase), ckpt_path=resume
+            )
+        else:
+            trainer.fit(module, loaders["train"], loaders["val"], ckpt_path=resume)
+        if trainer.interrupted or trainer.global_step < schedule.max_steps:
+            # Lightning returns normally after Ctrl-C or SIGTERM; the stage is not finished and must not count as done.
+            raise FaultError(
+                f"stage {stage} stopped at step {trainer.global_step} of {schedule.max_steps}; "
+                f"rerun the same command to resume from {last}"
+            )
+        return trainer
+
+    def trained_student(
+        self, stage: str, trainer: L.Trainer, live: HybridForCausalLM, prefix: str, source: Path
+    ) -> HybridForCausalLM:
+        """The trained student in fp32 on rank 0: the live module, or under DeepSpeed the consolidated fp32 master
+        weights of the stage's final checkpoint (ZeRO keeps bf16 or partitioned copies in the module)."""
+        if not is_deepspeed(trainer.strategy):
+            return live
+        student = load_student(source)
+        checkpoint = self.stage_dir(stage) / "checkpoints" / "last.ckpt"
+        load_consolidated(student, consolidated_state_dict(checkpoint, prefix))
+        return student
+
+
+def initialized_student_dir(out: Path) -> Path:
+    """The student before any training: composed from the init candidates by `select`, else init's own."""
+    composed = out / "select" / "initialized_student"
+    return composed if composed.exists() else out / "init" / "student"
+
+
+def write_json(path: Path, payload: Any) -> None:
+    """Atomic JSON write (tmp + rename)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def load_student(path: Path, dtype: torch.dtype | None = None) -> HybridForCausalLM:
+    return HybridForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
+
+
+def save_student(
+    student: HybridForCausalLM, path: Path, tokenizer: PreTrainedTokenizerBase, dtype: torch.dtype | None = None
+) -> None:
+    """Atomic: written to `<path>.tmp`, then renamed over `path`."""
+    tmp = path.with_name(path.name + ".tmp")
+    model = student if dtype is None else student.to(dtype)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    if path.exists():  # a rerun of a stage that crashed after saving: replace, never merge
+        shutil.rmtree(path)
+    os.replace(tmp, path)
