@@ -28,7 +28,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, Dataset
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -41,8 +41,8 @@ from models.init.student_config import build_student_config
 from models.kernels import limit_autotune_configs
 from models.sizes import LLAMA_3_1_8B, LLAMA_3_2_1B, LLAMA_3_2_3B, TINY_LLAMA
 from models.teacher import describe_teacher
-from train.config import compose_config, student_init_kwargs
-from train.losses import KDLossConfig
+from train.config import StudentConfig, compose_config, student_init_kwargs, typed_config
+from train.losses import ILDLossConfig, KDLossConfig
 from train.runtime.deepspeed_strategy import offloads_optimizer
 from train.runtime.optim import adamw_cosine
 from train.runtime.sdpa_report import SDPAKernelReport
@@ -71,9 +71,9 @@ OPTIM = {"lr": 1e-5, "weight_decay": 0.0, "warmup_steps": 1, "max_steps": 10_000
 
 
 @functools.cache
-def preset_student(preset: str) -> DictConfig:
-    """The preset's composed `student` config group."""
-    return compose_config([f"conf={preset}"]).student
+def preset_student(preset: str) -> StudentConfig:
+    """The preset's `student` settings, typed as the pipeline reads them."""
+    return typed_config(compose_config([f"conf={preset}"])).student
 
 
 def strategy_settings(preset: str, name: str) -> dict:
@@ -170,7 +170,7 @@ def make_module(
     if stage == "kd":
         return KDModule(student, teacher, OPTIM, KDLossConfig(chunk_tokens=4096, use_triton=kd_triton))
     if stage == "ild":
-        return ILDModule({"assigned": student}, teacher, OPTIM, "l2")
+        return ILDModule({"assigned": student}, teacher, OPTIM, ILDLossConfig(loss="l2"))
     raise ValueError(f"stage={stage!r} is invalid: teacher_ce, kd or ild")
 
 

@@ -161,10 +161,6 @@ class KDConfig(KDLossConfig, TrainingSchedule):
     # A (larger) KD teacher sharing the tokenizer, e.g. meta-llama/Llama-3.1-8B-Instruct; None: `teacher`.
     teacher_name_or_path: str | None = None
 
-    def loss(self) -> KDLossConfig:
-        """The loss settings alone (what the loss functions take)."""
-        return KDLossConfig(**{f: getattr(self, f) for f in KDLossConfig.__dataclass_fields__})
-
 
 @dataclass
 class DPOConfig(TrainingSchedule):

@@ -71,7 +71,7 @@ def run(ctx: Context) -> dict:
     student = load_student(source)
     if ctx.cfg.student.gradient_checkpointing:
         student.gradient_checkpointing_enable()
-    module = KDModule(student, ctx.teacher, ctx.cfg.kd.optimizer(), ctx.cfg.kd.loss())
+    module = KDModule(student, ctx.teacher, ctx.cfg.kd.optimizer(), ctx.cfg.kd)  # kd.* is the loss config
     trainer = ctx.fit("kd", module, "kd")
     if not is_rank_zero():
         return {}
