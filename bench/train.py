@@ -42,7 +42,7 @@ from models.flops import attention_context, training_flops_per_token
 from models.init.student_config import build_student_config
 from models.kernels import limit_autotune_configs
 from models.sizes import LLAMA_3_1_8B, LLAMA_3_2_1B, LLAMA_3_2_3B
-from models.teacher import describe_teacher
+from models.teachers import describe_teacher
 from train.config import compose_config, student_init_kwargs
 from train.deepspeed_strategy import offloads_optimizer
 from train.ild import ILDModule

@@ -32,7 +32,7 @@ from models.compile import set_compile
 from models.gguf import find_gguf, gguf_cache_dir
 from models.init import convert_teacher
 from models.select import num_mla_for_budget, sensitivity_from_ild, smart_select, uniform_select
-from models.teacher import TeacherSpec, load_teacher, resolve_teacher_path
+from models.teachers import TeacherSpec, load_teacher, resolve_teacher_path
 
 from .config import student_init_kwargs
 from .deepspeed_strategy import consolidated_state_dict, is_deepspeed, load_consolidated

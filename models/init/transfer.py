@@ -18,8 +18,7 @@ from transformers import PreTrainedModel
 from ..documents import documents_from_positions
 from ..flops import student_cache_bytes, teacher_cache_bytes
 from ..hybrid import HybridForCausalLM
-from ..teacher import TeacherSpec
-from .attention_weights import attention_weights
+from ..teachers import TeacherSpec, attention_weights
 from .mamba_from_attention import init_mamba_from_attention
 from .mla_svd import choose_rope_pairs, energy_rank, init_mla_from_attention, kv_factors, rope_split
 from .report import InitReport

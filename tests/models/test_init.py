@@ -5,7 +5,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
 from models.init import build_student_config, convert_teacher, energy_rank
-from models.teacher import describe_teacher, load_teacher, load_teacher_config
+from models.teachers import describe_teacher, load_teacher, load_teacher_config
 
 from .tiny import rel_err
 

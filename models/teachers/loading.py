@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
-from .errors import first_line
-from .rope import SUPPORTED_ROPE_TYPES
+from ..errors import first_line
+from ..rope import SUPPORTED_ROPE_TYPES
 
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
@@ -175,7 +175,7 @@ def resolve_teacher_path(name_or_path: str, cache_root: Path | None = None) -> s
     """The Hugging Face directory of a GGUF teacher (a `.gguf` file or a directory holding one), dequantized once
     into a cache (models/gguf.py); any other `name_or_path` (Hub id, HF directory) unchanged. Load the teacher's
     tokenizer from the result too: a GGUF carries its tokenizer inside, the materialized directory as files."""
-    from .gguf import find_gguf, materialize_gguf_teacher
+    from ..gguf import find_gguf, materialize_gguf_teacher
 
     gguf = find_gguf(name_or_path)
     if gguf is None:
@@ -186,7 +186,7 @@ def resolve_teacher_path(name_or_path: str, cache_root: Path | None = None) -> s
 def load_teacher_config(name_or_path: str, trust_remote_code: bool = False) -> PretrainedConfig:
     """The teacher's config (Hub id, local dir or GGUF), with a clear error for paths that hold no model. A GGUF's
     config comes from its metadata, without dequantizing (the same config its materialized directory gets)."""
-    from .gguf import find_gguf, gguf_config
+    from ..gguf import find_gguf, gguf_config
 
     gguf = find_gguf(name_or_path)
     if gguf is not None:
