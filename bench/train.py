@@ -35,14 +35,14 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from data.batch import collate_rows, teacher_inputs
+from data.batch import collate_rows
 from models import HybridForCausalLM
 from models.compile import set_compile
 from models.flops import attention_context, training_flops_per_token
 from models.init.student_config import build_student_config
 from models.kernels import limit_autotune_configs
 from models.sizes import LLAMA_3_1_8B, LLAMA_3_2_1B, LLAMA_3_2_3B
-from models.teachers import describe_teacher
+from models.teachers import adapter_for, describe_teacher
 from train.config import compose_config, student_init_kwargs
 from train.deepspeed_strategy import offloads_optimizer
 from train.ild import ILDModule
@@ -50,7 +50,6 @@ from train.kd import KDModule
 from train.losses import KDLossConfig
 from train.optim import adamw_cosine
 from train.sdpa_report import SDPAKernelReport
-from train.teacher_pass import trace_teacher
 from train.trainer import make_strategy
 
 TEACHERS = {
@@ -163,7 +162,7 @@ class TeacherCE(L.LightningModule):
         self.model = model
 
     def training_step(self, batch, batch_idx):
-        return self.model(**teacher_inputs(batch, self.model), labels=batch["labels"]).loss
+        return self.model(**adapter_for(self.model).forward_inputs(self.model, batch), labels=batch["labels"]).loss
 
     def configure_optimizers(self) -> dict:
         return adamw_cosine(list(self.parameters()), **OPTIM, cpu_offload=offloads_optimizer(self.trainer.strategy))
@@ -332,14 +331,15 @@ def breakdown(args, stage: str, data: SyntheticPacked, profile: bool, module: L.
                 marks.append(event())
                 loss = module.loss_from_hidden(student_hidden, teacher_hidden, batch).loss
             elif stage == "ild":
-                trace = trace_teacher(module.teacher, batch)
+                trace = adapter_for(module.teacher).capture(module.teacher, batch)
                 marks.append(event())
                 losses = module.losses_from_trace(trace, batch)
                 marks.append(event())
                 loss = torch.stack(list(losses.values())).sum()
             else:
                 marks.append(event())
-                out = module.model(**teacher_inputs(batch, module.model), labels=batch["labels"])
+                inputs = adapter_for(module.model).forward_inputs(module.model, batch)
+                out = module.model(**inputs, labels=batch["labels"])
                 marks.append(event())
                 loss = out.loss
         marks.append(event())

@@ -12,11 +12,11 @@ from transformers import PreTrainedModel
 from models import HybridForCausalLM
 from models.documents import documents_from_positions
 from models.flops import training_flops_per_token
+from models.teachers import TeacherTrace, adapter_for
 
 from .deepspeed_strategy import is_zero3
 from .distill_module import DistillModule
 from .losses import ild_loss
-from .teacher_pass import TeacherTrace, trace_teacher
 
 
 class ILDModule(DistillModule):
@@ -46,7 +46,7 @@ class ILDModule(DistillModule):
 
     def layer_losses(self, batch: dict[str, torch.Tensor]) -> dict[tuple[str, int], torch.Tensor]:
         """{(candidate, layer): loss} for one batch."""
-        return self.losses_from_trace(trace_teacher(self.teacher, batch), batch)
+        return self.losses_from_trace(adapter_for(self.teacher).capture(self.teacher, batch), batch)
 
     def losses_from_trace(
         self, trace: TeacherTrace, batch: dict[str, torch.Tensor]
