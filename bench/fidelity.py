@@ -249,7 +249,7 @@ def evaluate_row(row_dir: Path, teacher_dir: str, files: dict[str, Path], args) 
     from transformers import AutoTokenizer
 
     from models import HybridForCausalLM, student_cache_bytes, teacher_cache_bytes
-    from models.teacher import load_teacher
+    from models.teachers import load_teacher
     from train.pipeline import initialized_student_dir
     from train.stages.eval import Placement, heldout_agreement, heldout_loss
 
@@ -385,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.monotonic()
     deadline = start + args.deadline_s if args.deadline_s else float("inf")
     from bench.common import environment, record
-    from models.teacher import resolve_teacher_path
+    from models.teachers import resolve_teacher_path
     from train.config import compose_config
 
     preset = compose_config([f"conf={PRESET}"])

@@ -33,14 +33,14 @@ from torch.utils.data import DataLoader, Dataset
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from bench.common import environment, median, record, stamp, sync
-from data.batch import collate_rows, teacher_inputs
+from data.batch import collate_rows
 from models import HybridForCausalLM
 from models.compile import set_compile
 from models.flops import attention_context, training_flops_per_token
 from models.init.student_config import build_student_config
 from models.kernels import limit_autotune_configs
 from models.sizes import LLAMA_3_1_8B, LLAMA_3_2_1B, LLAMA_3_2_3B, TINY_LLAMA
-from models.teacher import describe_teacher
+from models.teachers import adapter_for, describe_teacher
 from train.config import StudentConfig, compose_config, student_init_kwargs, typed_config
 from train.losses import ILDLossConfig, KDLossConfig
 from train.runtime.deepspeed_strategy import offloads_optimizer
@@ -49,7 +49,6 @@ from train.runtime.sdpa_report import SDPAKernelReport
 from train.runtime.trainer import make_strategy
 from train.stages.ild import ILDModule
 from train.stages.kd import KDModule
-from train.stages.teacher_pass import trace_teacher
 
 TEACHERS = {
     "llama_3_2_1b": {**LLAMA_3_2_1B, "tie_word_embeddings": True},
@@ -151,7 +150,7 @@ class TeacherCE(L.LightningModule):
         self.model = model
 
     def training_step(self, batch, batch_idx):
-        return self.model(**teacher_inputs(batch, self.model), labels=batch["labels"]).loss
+        return self.model(**adapter_for(self.model).forward_inputs(self.model, batch), labels=batch["labels"]).loss
 
     def configure_optimizers(self) -> dict:
         return adamw_cosine(list(self.parameters()), **OPTIM, cpu_offload=offloads_optimizer(self.trainer.strategy))
@@ -307,14 +306,15 @@ def breakdown(args, stage: str, data: SyntheticPacked, profile: bool, module: L.
                 marks.append(event())
                 loss = module.loss_from_hidden(student_hidden, teacher_hidden, batch).loss
             elif stage == "ild":
-                trace = trace_teacher(module.teacher, batch)
+                trace = adapter_for(module.teacher).capture(module.teacher, batch)
                 marks.append(event())
                 losses = module.losses_from_trace(trace, batch)
                 marks.append(event())
                 loss = torch.stack(list(losses.values())).sum()
             else:
                 marks.append(event())
-                out = module.model(**teacher_inputs(batch, module.model), labels=batch["labels"])
+                inputs = adapter_for(module.model).forward_inputs(module.model, batch)
+                out = module.model(**inputs, labels=batch["labels"])
                 marks.append(event())
                 loss = out.loss
         marks.append(event())

@@ -14,10 +14,8 @@ _BATCH = (
     "IGNORE_INDEX",
     "collate_rows",
     "cu_seqlens",
-    "packed_causal_mask",
     "seq_idx",
     "shift_labels",
-    "teacher_inputs",
 )
 
 __all__ = ["DataConfig", "SourceConfig", *_BATCH]

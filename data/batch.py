@@ -1,4 +1,9 @@
-"""The packed batch: collation from packed rows, and the helpers models need to respect documents.
+"""The packed batch: collation from packed rows, and the boundary helpers kernels take (seq_idx, cu_seqlens).
+
+data/ produces token ids, position ids and labels; it never looks at a model. How a model keeps the documents
+of a packed batch apart is the model side's business: the student reads `position_ids` (models/documents.py),
+a Hugging Face teacher gets a mask from its adapter (`adapter_for(teacher).forward_inputs(teacher, batch)`,
+models/teachers/).
 
 A batch is a dict of (B, T) tensors, T = seq_len always (rows are right-padded):
 
@@ -12,8 +17,8 @@ A batch is a dict of (B, T) tensors, T = seq_len always (rows are right-padded):
   masked prompt tokens, and the FIRST token of every document, which would otherwise be predicted
   from the previous document's last token. Use `shift_labels` to get targets aligned with logits.
 - `attention_mask` long, 1 for real tokens, 0 for padding (for losses over hidden states). Do not
-  hand it to an HF model as its attention mask: that would not separate documents. Use
-  `teacher_inputs(batch)` (a 4D block-diagonal causal mask) instead.
+  hand it to an HF model as its attention mask: that would not separate documents. Use the teacher
+  adapter's `forward_inputs` (a 4D block-diagonal causal mask under sdpa) instead.
 - `stream_index` (B,) long, training batches only: the rows' positions in the sample stream. The
   datamodule pops it before the batch reaches the LightningModule and uses it to count progress.
 """
@@ -76,38 +81,3 @@ def cu_seqlens(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
     starts = torch.nonzero(flat == 0).reshape(-1)
     bounds = torch.cat([starts, starts.new_tensor([flat.numel()])])
     return bounds.to(torch.int32), int((bounds[1:] - bounds[:-1]).max())
-
-
-def packed_causal_mask(position_ids: torch.Tensor, dtype: torch.dtype = torch.bool) -> torch.Tensor:
-    """(B, 1, T, T) mask: causal within each document, nothing across documents.
-
-    bool (default): True = may attend, what SDPA takes. A floating dtype gives the additive form
-    (0 or the dtype's minimum) that HF's eager attention adds to its scores; eager would silently
-    add a bool mask as 0/1. HF models use a 4D mask as given; restarting position ids alone do not
-    isolate documents there.
-    """
-    doc = seq_idx(position_ids)  # (B, T)
-    t = position_ids.shape[1]
-    causal = torch.ones(t, t, dtype=torch.bool, device=position_ids.device).tril()
-    keep = ((doc[:, :, None] == doc[:, None, :]) & causal)[:, None]  # (B, 1, T, T)
-    if dtype == torch.bool:
-        return keep
-    return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill(~keep, torch.finfo(dtype).min)
-
-
-def teacher_inputs(batch: dict[str, torch.Tensor], model: torch.nn.Module | None = None) -> dict[str, torch.Tensor]:
-    """Keyword arguments for an HF causal LM forward on a packed batch (no labels: no HF loss).
-
-    The mask follows the model's attention implementation: "sdpa" (also when `model` is None) a
-    bool mask, "eager" an additive one in the model's dtype, "flash_attention_*" none at all (HF's
-    flash path splits packed rows by the restarting position_ids itself; not verified on CPU here).
-    """
-    impl = getattr(getattr(model, "config", None), "_attn_implementation", None) or "sdpa"
-    out = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
-    if impl == "sdpa":
-        out["attention_mask"] = packed_causal_mask(batch["position_ids"])
-    elif impl == "eager":
-        out["attention_mask"] = packed_causal_mask(batch["position_ids"], dtype=model.dtype)
-    elif not impl.startswith("flash_attention"):
-        raise ValueError(f"teacher attention {impl!r} has no packed-document mask here; use sdpa, eager or flash")
-    return out

@@ -4,6 +4,7 @@ A new document starts wherever `position_ids == 0` (packed batches restart posit
 padding uses position 1 for pads, so the real prompt starts a document of its own). From that one rule:
 Mamba2 gets `seq_idx` (its state and conv reset at each start) and MLA gets, for every query, the absolute
 index where its document starts (keys before it are masked). Both also hold across calls with a cache.
+A Hugging Face teacher gets the same boundaries as a 4D block-diagonal causal mask (`packed_causal_mask`).
 """
 
 from __future__ import annotations
@@ -45,3 +46,22 @@ def positions_from_attention_mask(attention_mask: torch.Tensor, length: int) -> 
     positions = attention_mask.long().cumsum(-1) - 1
     positions = positions.masked_fill(attention_mask == 0, 1)
     return positions[:, -length:]
+
+
+def packed_causal_mask(position_ids: torch.Tensor, dtype: torch.dtype = torch.bool) -> torch.Tensor:
+    """(B, 1, T, T) mask: causal within each document, nothing across documents.
+
+    bool (default): True = may attend, what SDPA takes. A floating dtype gives the additive form
+    (0 or the dtype's minimum) that HF's eager attention adds to its scores; eager would silently
+    add a bool mask as 0/1. HF models use a 4D mask as given; restarting position ids alone do not
+    isolate documents there.
+    """
+    if (position_ids[:, 0] != 0).any():
+        raise ValueError("position_ids must start every row with 0 (a row starts a document)")
+    doc = documents_from_positions(position_ids).seq_idx  # (B, T)
+    t = position_ids.shape[1]
+    causal = torch.ones(t, t, dtype=torch.bool, device=position_ids.device).tril()
+    keep = ((doc[:, :, None] == doc[:, None, :]) & causal)[:, None]  # (B, 1, T, T)
+    if dtype == torch.bool:
+        return keep
+    return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill(~keep, torch.finfo(dtype).min)

@@ -31,7 +31,7 @@ from .errors import first_line
 
 GGUF_MAGIC = b"GGUF"
 GGUF_VERSIONS = (2, 3)  # v1 (2023) counted in 32 bits; transformers reads v2 and v3
-# llama.cpp's `general.architecture` -> our teacher family (models/teacher.py SUPPORTED_ARCHITECTURES). Mistral
+# llama.cpp's `general.architecture` -> our teacher family (models/teachers SUPPORTED_ARCHITECTURES). Mistral
 # files usually say "llama"; transformers tells them apart by name and the config's model_type says which it is.
 GGUF_ARCHITECTURES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3"}
 CACHE_ENV = "ZEBRA_DISTILL_CACHE"  # the tool's cache root; GGUF teachers go to $ZEBRA_DISTILL_CACHE/gguf
@@ -39,7 +39,7 @@ _FIXED = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q
 
 
 def _error(name_or_path: str, message: str) -> Exception:
-    from .teacher import TeacherLoadError  # models.teacher imports this module lazily; no import cycle
+    from .teachers.loading import TeacherLoadError  # loading.py imports this module lazily; no import cycle
 
     return TeacherLoadError(f"teacher.name_or_path={name_or_path!r}: {message}")
 

@@ -88,7 +88,7 @@ def _precheck(argv: list[str]) -> None:
 def _user_errors() -> dict[type, int]:
     """Exceptions that are the user's to fix or expected on clusters, with their exit codes (others: traceback)."""
     from data.sources import DataSourceError
-    from models.teacher import TeacherLoadError
+    from models.teachers import TeacherLoadError
     from train.runtime.faults import FaultError
 
     return {

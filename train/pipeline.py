@@ -21,7 +21,7 @@ from transformers import AutoTokenizer
 
 from models.compile import set_compile
 from models.gguf import find_gguf, gguf_cache_dir
-from models.teacher import load_teacher, resolve_teacher_path
+from models.teachers import load_teacher, resolve_teacher_path
 from train.config import TINY_TEACHER, TrainConfig, typed_config
 from train.runtime.ranks import is_rank_zero, wait_for_file
 from train.runtime.tiny_teacher import ensure_tiny_teacher, tiny_teacher_dir

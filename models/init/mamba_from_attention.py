@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from ..mamba2 import Mamba2
-from .attention_weights import AttentionWeights
+from ..teachers.attention_weights import AttentionWeights
 
 CONV_INITS = ("identity", "random")
 

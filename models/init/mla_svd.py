@@ -19,7 +19,7 @@ import torch
 
 from ..config import MLAConfig
 from ..mla import MLA
-from .attention_weights import AttentionWeights
+from ..teachers.attention_weights import AttentionWeights
 
 
 @dataclass

@@ -10,7 +10,7 @@ from dataclasses import asdict
 from typing import Any
 
 from ..config import HybridConfig, MambaConfig, MLAConfig, config_from_dict
-from ..teacher import TeacherSpec
+from ..teachers import TeacherSpec
 
 
 def parse_mla_layers(value: Any, num_layers: int) -> list[int]:

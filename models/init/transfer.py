@@ -18,8 +18,7 @@ from transformers import PreTrainedModel
 from ..documents import documents_from_positions
 from ..flops import student_cache_bytes, teacher_cache_bytes
 from ..hybrid import HybridForCausalLM
-from ..teacher import TeacherSpec
-from .attention_weights import attention_weights
+from ..teachers import TeacherSpec, adapter_for
 from .mamba_from_attention import init_mamba_from_attention
 from .mla_svd import choose_rope_pairs, energy_rank, init_mla_from_attention, kv_factors, rope_split
 from .report import InitReport
@@ -53,10 +52,7 @@ def convert_teacher(
         raise ValueError(f"student.mixer_init={mixer_init!r} is invalid: one of {list(MIXER_INITS)}")
     mla = dict(mla or {})
     config = build_student_config(spec, mla_layers, mla, mamba, lossless, energy)  # checks before reading weights
-    weights = [
-        attention_weights(layer.self_attn, spec.num_heads, spec.num_kv_heads, spec.head_dim)
-        for layer in teacher.model.layers
-    ]
+    weights = adapter_for(teacher).attention_weights(teacher)
     mla_cfg = config.mla_config
     factors: dict[int, Any] = {}
     if config.mla_layers and not lossless:
@@ -112,8 +108,7 @@ def attention_output_error(teacher: PreTrainedModel, student: HybridForCausalLM,
     dtype = next(teacher.parameters()).dtype
     hidden = torch.randn(1, 64, teacher.config.hidden_size, generator=generator).to(dtype)
     positions = torch.arange(64)[None] * 31
-    cos, sin = teacher.model.rotary_emb(hidden, positions)
-    expected = teacher.model.layers[layer].self_attn(hidden, position_embeddings=(cos, sin), attention_mask=None)[0]
+    expected = adapter_for(teacher).attention_forward(teacher, layer, hidden, positions)
     s_cos, s_sin = student.model.rope(positions)
     docs = documents_from_positions(torch.arange(64)[None])  # one document, causal over the probe
     got = student.model.layers[layer].self_attn(hidden, s_cos, s_sin, docs)
@@ -122,7 +117,7 @@ def attention_output_error(teacher: PreTrainedModel, student: HybridForCausalLM,
 
 def _copy_trunk(teacher: PreTrainedModel, student: HybridForCausalLM) -> None:
     """Embeddings, norms, MLPs and lm_head by name; every one of them must exist with the same shape."""
-    source = teacher.state_dict()
+    source = adapter_for(teacher).trunk_state_dict(teacher)
     target = student.state_dict()
     names = [
         name

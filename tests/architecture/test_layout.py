@@ -128,7 +128,6 @@ def test_every_stage_is_one_file_and_one_registry_entry():
         "__init__",
         "context",
         "module",
-        "teacher_pass",
     }
     assert files == set(STAGE_NAMES)
     for name in STAGE_NAMES:

@@ -9,13 +9,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
-from data.batch import teacher_inputs
 from data.config import DataConfig, SourceConfig
 from data.corpus import tiny_chat_path, tiny_corpus_path, tiny_tokenizer_path
 from data.corpus.generate import generate
 from data.corpus.tokenizer_train import train_tokenizer
 from data.datamodule import DistillDataModule
 from data.sources import load_source
+from models.teachers import adapter_for
 
 
 def _rows(path) -> list[dict]:
@@ -76,16 +76,19 @@ def test_tiny_teacher_learns_from_the_corpus_within_seconds(shared_cache):
     )
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
 
+    def inputs(batch: dict) -> dict:
+        return adapter_for(model).forward_inputs(model, batch)
+
     def eval_loss() -> float:
         with torch.no_grad():
-            losses = [model(**teacher_inputs(b), labels=b["labels"]).loss.item() for b in dm.val_dataloader()]
+            losses = [model(**inputs(b), labels=b["labels"]).loss.item() for b in dm.val_dataloader()]
         return sum(losses) / len(losses)
 
     before = eval_loss()
     it = iter(dm.train_dataloader())
     for _ in range(80):
         batch = dm.record_consumed(next(it))
-        model(**teacher_inputs(batch), labels=batch["labels"]).loss.backward()
+        model(**inputs(batch), labels=batch["labels"]).loss.backward()
         opt.step()
         opt.zero_grad()
     after = eval_loss()

@@ -7,20 +7,14 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
-from data.batch import (
-    IGNORE_INDEX,
-    collate_rows,
-    cu_seqlens,
-    packed_causal_mask,
-    seq_idx,
-    shift_labels,
-    teacher_inputs,
-)
+from data.batch import IGNORE_INDEX, collate_rows, cu_seqlens, seq_idx, shift_labels
 from data.build import build_phases
 from data.config import DataConfig, SourceConfig
 from data.corpus import tiny_chat_path, tiny_corpus_path
 from data.packing import best_fit_decreasing, pieces
+from models.documents import packed_causal_mask
 from models.sizes import TINY_LLAMA
+from models.teachers import ADAPTERS, adapter_for
 
 SEQ_LEN = 96
 
@@ -65,7 +59,7 @@ def test_teacher_logits_on_packed_batch_equal_each_document_alone(kind, attn, pa
     assert model.config._attn_implementation == attn
     batch = collate_rows(packed, SEQ_LEN, tokenizer.pad_token_id)
     with torch.no_grad():
-        logits = model(**teacher_inputs(batch, model)).logits  # (B, T, V)
+        logits = model(**adapter_for(model).forward_inputs(model, batch)).logits  # (B, T, V)
         leaky = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
         worst = worst_leaky = 0.0
         for b, row in enumerate(packed):
@@ -85,7 +79,7 @@ def test_labels_follow_hf_shift_and_stop_at_document_boundaries(packed, tokenize
     model = _teacher("llama", len(tokenizer), tmp_path)
     batch = collate_rows(packed, SEQ_LEN, tokenizer.pad_token_id)
     with torch.no_grad():
-        out = model(**teacher_inputs(batch), labels=batch["labels"])
+        out = model(**adapter_for(model).forward_inputs(model, batch), labels=batch["labels"])
         n_packed = int((shift_labels(batch["labels"]) != IGNORE_INDEX).sum())
         total_alone, n_alone = 0.0, 0
         for row in packed:
@@ -160,8 +154,10 @@ def test_boundary_helpers():
     flex = torch.nn.Module()
     flex.config = type("C", (), {"_attn_implementation": "flex_attention"})()
     with pytest.raises(ValueError, match="teacher attention 'flex_attention' has no packed-document mask"):
-        teacher_inputs({"input_ids": pos, "position_ids": pos}, flex)
-    flash = teacher_inputs({"input_ids": pos, "position_ids": pos}, type("M", (), {"config": flash_cfg})())
+        ADAPTERS["llama"].forward_inputs(flex, {"input_ids": pos, "position_ids": pos})
+    flash = ADAPTERS["llama"].forward_inputs(
+        type("M", (), {"config": flash_cfg})(), {"input_ids": pos, "position_ids": pos}
+    )
     assert set(flash) == {"input_ids", "position_ids"}  # flash splits packed rows by position ids
 
 

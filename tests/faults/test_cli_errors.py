@@ -117,7 +117,7 @@ def test_teacher_mistakes_end_in_one_line(tmp_path, teachers):
 
 def test_damaged_teacher_weights_fail_clearly_when_loading(teachers):
     """The same damage found by the loader itself (validation skipped), one line naming the file."""
-    from models.teacher import TeacherLoadError, load_teacher
+    from models.teachers import TeacherLoadError, load_teacher
 
     with pytest.raises(TeacherLoadError, match="model.safetensors is damaged"):
         load_teacher(str(teachers["damaged"]))

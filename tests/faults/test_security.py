@@ -55,7 +55,7 @@ def test_teacher_code_does_not_run_without_trust_remote_code(tmp_path, marker):
     message = result.stderr.strip().splitlines()[-1]
     print(message)
     assert result.returncode == 2 and "teacher.trust_remote_code=true" in message
-    from models.teacher import load_teacher
+    from models.teachers import load_teacher
 
     with pytest.raises(ValueError, match="trust_remote_code"):
         load_teacher(str(repo))

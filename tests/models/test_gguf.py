@@ -16,7 +16,7 @@ from transformers.convert_slow_tokenizer import bytes_to_unicode
 import models.gguf as gguf_module
 from models.gguf import find_gguf, gguf_config, materialize_gguf_teacher
 from models.sizes import TINY_LLAMA
-from models.teacher import TeacherLoadError, describe_teacher, load_teacher, resolve_teacher_path
+from models.teachers import TeacherLoadError, describe_teacher, load_teacher, resolve_teacher_path
 from train.config import ConfigError, compose_config, validate_config
 
 from .tiny import rel_err

@@ -6,7 +6,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2
 
 from models.init import build_student_config, convert_teacher, energy_rank
 from models.sizes import TINY_LLAMA
-from models.teacher import describe_teacher, load_teacher, load_teacher_config
+from models.teachers import describe_teacher, load_teacher, load_teacher_config
 
 from .tiny import rel_err
 

@@ -11,7 +11,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from models.gguf import materialize_gguf_teacher
-from models.teacher import load_teacher
+from models.teachers import load_teacher
 
 # English prose written for these tests (not from any corpus): 80 SmolLM2 tokens.
 TEXT = (

@@ -8,7 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from models.gguf import gguf_config
-from models.teacher import describe_teacher
+from models.teachers import describe_teacher
 
 
 def test_materialized_smollm2_matches_the_gguf(smollm2_gguf_file, smollm2_dir, smollm2, text_ids):

@@ -133,12 +133,12 @@ def test_a_preset_on_the_wrong_teacher_names_the_key(teacher_dirs):
 
 def test_hub_teachers_are_not_fetched(monkeypatch):
     """A Hub id gets every check that needs no teacher shape; config.json is read only for local dirs."""
-    import models.teacher
+    import models.teachers.loading
 
     def offline(*args, **kwargs):
         raise AssertionError("validate_config tried to read a Hub config")
 
-    monkeypatch.setattr(models.teacher, "load_teacher_config", offline)
+    monkeypatch.setattr(models.teachers.loading, "load_teacher_config", offline)
     validate_config(compose_config(["conf=zebra_1b"]))
     assert "stages" in _error(["conf=zebra_1b", "stages=[kd,ild]"])
 

@@ -23,7 +23,8 @@ def teacher_spec(teacher: TeacherConfig, vocab_size: int = 1024, fetch: bool = F
     `vocab_size` only fills the tiny spec (no check uses it)."""
     from models.errors import first_line
     from models.gguf import find_gguf, gguf_config
-    from models.teacher import TeacherSpec, check_weight_files, describe_teacher, load_teacher_config
+    from models.teachers import TeacherSpec, describe_teacher
+    from models.teachers.loading import check_weight_files, load_teacher_config
 
     name = teacher.name_or_path
     if name == TINY_TEACHER:

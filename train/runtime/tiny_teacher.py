@@ -16,10 +16,10 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from data.batch import teacher_inputs
 from data.config import DataConfig
 from data.corpus import tiny_tokenizer_path
 from data.datamodule import DistillDataModule
+from models.teachers import adapter_for
 from train.config import tiny_teacher_positions
 
 log = logging.getLogger(__name__)
@@ -76,7 +76,7 @@ def ensure_tiny_teacher(settings: dict, data_cfg: DataConfig, seed: int) -> Path
     batches = _cycle(loader)
     for step in range(steps):
         batch = next(batches)
-        loss = model(**teacher_inputs(batch, model), labels=batch["labels"]).loss
+        loss = model(**adapter_for(model).forward_inputs(model, batch), labels=batch["labels"]).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()

@@ -19,7 +19,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from data.config import DataConfig
 from data.datamodule import DistillDataModule
 from models import HybridForCausalLM
-from models.teacher import TeacherSpec
+from models.teachers import TeacherSpec
 from train.config import TrainConfig
 from train.runtime.deepspeed_strategy import consolidated_state_dict, is_deepspeed, load_consolidated
 from train.runtime.faults import FaultError

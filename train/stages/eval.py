@@ -16,9 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from data.batch import shift_labels, teacher_inputs
+from data.batch import shift_labels
 from data.datamodule import DistillDataModule
 from models import HybridForCausalLM, student_cache_bytes, teacher_cache_bytes
+from models.teachers import adapter_for
 from train.config.schema import TrainerConfig
 from train.losses import KDLossConfig, kd_loss
 from train.runtime.plots import plot_losses
@@ -90,7 +91,7 @@ def heldout_loss(model: torch.nn.Module, loader: DataLoader, max_batches: int | 
         if isinstance(model, HybridForCausalLM):
             logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
         else:
-            logits = model(**teacher_inputs(batch, model)).logits
+            logits = adapter_for(model).logits(model, batch)
         targets = shift_labels(batch["labels"])
         total += F.cross_entropy(
             logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="sum"
@@ -113,15 +114,15 @@ def heldout_agreement(
     cfg = KDLossConfig(divergence="forward_kl", chunk_tokens=chunk_tokens)
     device = next(student.parameters()).device
     kl, agree, tokens = 0.0, 0.0, 0
+    adapter = adapter_for(teacher)
     for index, batch in enumerate(loader):
         if max_batches is not None and index >= max_batches:
             break
         batch = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
-        t_hidden = teacher.model(**teacher_inputs(batch, teacher)).last_hidden_state
+        t_hidden = adapter.final_hidden(teacher, batch)
         s_hidden = student.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).last_hidden_state
-        out = kd_loss(
-            s_hidden, student.lm_head.weight, t_hidden, teacher.lm_head.weight, shift_labels(batch["labels"]), cfg
-        )
+        t_weight = adapter.lm_head(teacher).weight
+        out = kd_loss(s_hidden, student.lm_head.weight, t_hidden, t_weight, shift_labels(batch["labels"]), cfg)
         kl += out.divergence.item() * out.num_tokens
         agree += float(out.top1_agreement) * out.num_tokens
         tokens += out.num_tokens

@@ -16,6 +16,7 @@ from data.datamodule import DistillDataModule
 from models import HybridForCausalLM
 from models.documents import documents_from_positions
 from models.flops import training_flops_per_token
+from models.teachers import TeacherTrace, adapter_for
 from train.losses import ILDLossConfig, ild_layer_loss
 from train.runtime.deepspeed_strategy import is_zero3
 from train.runtime.plots import plot_ild_layers
@@ -25,7 +26,6 @@ from .context import Context, load_student, write_json
 from .eval import eval_placement, placed
 from .init import CANDIDATES, wants_candidates
 from .module import DistillModule
-from .teacher_pass import TeacherTrace, trace_teacher
 
 
 class ILDModule(DistillModule):
@@ -53,7 +53,7 @@ class ILDModule(DistillModule):
 
     def layer_losses(self, batch: dict[str, torch.Tensor]) -> dict[tuple[str, int], torch.Tensor]:
         """{(candidate, layer): loss} for one batch."""
-        return self.losses_from_trace(trace_teacher(self.teacher, batch), batch)
+        return self.losses_from_trace(adapter_for(self.teacher).capture(self.teacher, batch), batch)
 
     def losses_from_trace(
         self, trace: TeacherTrace, batch: dict[str, torch.Tensor]

@@ -6,9 +6,10 @@ from __future__ import annotations
 import torch
 from transformers import PreTrainedModel
 
-from data.batch import shift_labels, teacher_inputs
+from data.batch import shift_labels
 from models import HybridForCausalLM
 from models.flops import training_flops_per_token
+from models.teachers import adapter_for
 from train.losses import KDLossConfig, kd_loss
 from train.runtime.ranks import is_rank_zero
 
@@ -24,7 +25,7 @@ class KDModule(DistillModule):
 
     def teacher_hidden(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         with torch.no_grad():
-            return self.teacher.model(**teacher_inputs(batch, self.teacher)).last_hidden_state
+            return adapter_for(self.teacher).final_hidden(self.teacher, batch)
 
     def student_hidden(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.student.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).last_hidden_state
@@ -37,7 +38,7 @@ class KDModule(DistillModule):
             student_hidden,
             self.student.lm_head.weight,
             teacher_hidden,
-            self.teacher.lm_head.weight,
+            adapter_for(self.teacher).lm_head(self.teacher).weight,
             shift_labels(batch["labels"]),
             self.loss_cfg,
         )

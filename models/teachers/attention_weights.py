@@ -1,4 +1,7 @@
-"""A teacher attention layer's weights, per head, in float64 for the linear algebra of initialization."""
+"""A teacher attention layer's weights, per head, in float64 for the linear algebra of initialization.
+
+`attention_weights` reads the Hugging Face Llama layout (q/k/v/o_proj, optional biases, Qwen3's q_norm/k_norm); call it
+through `TeacherAdapter.attention_weights`, which knows where a family keeps its attention modules."""
 
 from __future__ import annotations
 

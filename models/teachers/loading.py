@@ -1,114 +1,19 @@
-"""Teachers: load a Hugging Face GQA causal LM and describe the shapes and quirks the student must copy.
-
-Supported families: Llama (3.x), Qwen2 / Qwen2.5, Qwen3 and Mistral, from the Hub, a local directory or a llama.cpp
-GGUF file (dequantized once into a cached directory, models/gguf.py). They share the module layout
-(model.layers.i.self_attn.{q,k,v,o}_proj, mlp.{gate,up,down}_proj, input/post_attention_layernorm) and
-differ in attention biases (Qwen2), per-head q/k RMSNorm (Qwen3), tied embeddings and RoPE variants.
-The config is read and checked before any weights load, so unsupported teachers fail in seconds.
+"""Load a teacher: a Hugging Face GQA causal LM of a supported family (models/teachers/registry.py), from the Hub,
+a local directory or a llama.cpp GGUF file (dequantized once into a cached directory, models/gguf.py).
+The config is read and checked by the family's adapter before any weights load, so unsupported teachers fail in
+seconds, and local weight files are checked before `from_pretrained` reads them.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
-from .errors import first_line
-from .rope import SUPPORTED_ROPE_TYPES
-
-SUPPORTED_ARCHITECTURES = {
-    "LlamaForCausalLM": "llama",
-    "MistralForCausalLM": "mistral",
-    "Qwen2ForCausalLM": "qwen2",
-    "Qwen3ForCausalLM": "qwen3",
-}
-
-
-@dataclass(frozen=True)
-class TeacherSpec:
-    family: str
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    hidden_act: str
-    rms_norm_eps: float
-    max_position_embeddings: int
-    rope_parameters: dict
-    tie_word_embeddings: bool
-    qkv_bias: bool
-    o_bias: bool
-    mlp_bias: bool
-    qk_norm: bool
-    bos_token_id: int | list[int] | None
-    eos_token_id: int | list[int] | None
-    pad_token_id: int | None
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def _rope_parameters(config: PretrainedConfig) -> dict:
-    """transformers 5 keeps RoPE in `rope_parameters`; older configs use rope_theta + rope_scaling."""
-    params = getattr(config, "rope_parameters", None)
-    if isinstance(params, dict) and "rope_theta" in params:
-        params = dict(params)
-    else:
-        params = dict(getattr(config, "rope_scaling", None) or {})
-        params.setdefault("rope_type", params.pop("type", "default"))
-        params["rope_theta"] = float(getattr(config, "rope_theta", 10000.0))
-    params.setdefault("rope_type", "default")
-    if params["rope_type"] not in SUPPORTED_ROPE_TYPES:
-        raise ValueError(
-            f"teacher rope_type={params['rope_type']!r} is not supported; supported: {list(SUPPORTED_ROPE_TYPES)}"
-        )
-    return params
-
-
-def describe_teacher(config: PretrainedConfig) -> TeacherSpec:
-    """Check that the teacher is a supported GQA family and return what the student copies."""
-    architectures = list(getattr(config, "architectures", None) or [])
-    family = next((SUPPORTED_ARCHITECTURES[a] for a in architectures if a in SUPPORTED_ARCHITECTURES), None)
-    if family is None:
-        raise ValueError(
-            f"teacher architecture {architectures or config.model_type!r} is not supported; "
-            f"supported: {sorted(SUPPORTED_ARCHITECTURES)}"
-        )
-    window = getattr(config, "sliding_window", None)
-    if window is not None and getattr(config, "use_sliding_window", family == "mistral"):
-        raise ValueError(
-            f"teacher uses sliding-window attention (sliding_window={window}); the student's MLA attends over the "
-            "whole context, so only full-attention teachers are supported"
-        )
-    heads = config.num_attention_heads
-    bias = bool(getattr(config, "attention_bias", False))
-    return TeacherSpec(
-        family=family,
-        vocab_size=config.vocab_size,
-        hidden_size=config.hidden_size,
-        intermediate_size=config.intermediate_size,
-        num_layers=config.num_hidden_layers,
-        num_heads=heads,
-        num_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
-        head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
-        hidden_act=config.hidden_act,
-        rms_norm_eps=config.rms_norm_eps,
-        max_position_embeddings=config.max_position_embeddings,
-        rope_parameters=_rope_parameters(config),
-        tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
-        qkv_bias=family == "qwen2" or bias,  # Qwen2 always has q/k/v biases; Llama/Mistral by attention_bias
-        o_bias=bias and family != "qwen2",
-        mlp_bias=bool(getattr(config, "mlp_bias", False)),
-        qk_norm=family == "qwen3",
-        bos_token_id=config.bos_token_id,
-        eos_token_id=config.eos_token_id,
-        pad_token_id=config.pad_token_id,
-    )
+from ..errors import first_line
+from .registry import describe_teacher
+from .spec import TeacherSpec
 
 
 class TeacherLoadError(ValueError):
@@ -175,7 +80,7 @@ def resolve_teacher_path(name_or_path: str, cache_root: Path | None = None) -> s
     """The Hugging Face directory of a GGUF teacher (a `.gguf` file or a directory holding one), dequantized once
     into a cache (models/gguf.py); any other `name_or_path` (Hub id, HF directory) unchanged. Load the teacher's
     tokenizer from the result too: a GGUF carries its tokenizer inside, the materialized directory as files."""
-    from .gguf import find_gguf, materialize_gguf_teacher
+    from ..gguf import find_gguf, materialize_gguf_teacher
 
     gguf = find_gguf(name_or_path)
     if gguf is None:
@@ -186,7 +91,7 @@ def resolve_teacher_path(name_or_path: str, cache_root: Path | None = None) -> s
 def load_teacher_config(name_or_path: str, trust_remote_code: bool = False) -> PretrainedConfig:
     """The teacher's config (Hub id, local dir or GGUF), with a clear error for paths that hold no model. A GGUF's
     config comes from its metadata, without dequantizing (the same config its materialized directory gets)."""
-    from .gguf import find_gguf, gguf_config
+    from ..gguf import find_gguf, gguf_config
 
     gguf = find_gguf(name_or_path)
     if gguf is not None:
