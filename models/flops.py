@@ -79,8 +79,8 @@ def attention_context(position_ids: torch.Tensor) -> float:
 def mixer_extra_flops(mixer: torch.nn.Module, context: float) -> int:
     """Forward FLOPs per token of a mixer beyond its Linear layers: attention scores and values, or SSD + conv.
     Works for the student's MLA / Mamba2 and for Hugging Face attention modules (Llama, Qwen, Mistral)."""
-    from .mamba2 import Mamba2
-    from .mla import MLA
+    from .mixer_mamba2 import Mamba2
+    from .mixer_mla import MLA
 
     if isinstance(mixer, MLA):
         qk = mixer.nope_dim + mixer.rope_dim

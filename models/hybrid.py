@@ -19,8 +19,8 @@ from .cache import HybridCache
 from .compile import compiled_in_training
 from .config import HybridConfig
 from .documents import Documents, documents_from_positions, positions_from_attention_mask
-from .mamba2 import Mamba2
-from .mla import MLA
+from .mixer_mamba2 import Mamba2
+from .mixer_mla import MLA
 from .norm import GatedRMSNorm, RMSNorm
 from .rope import rope_cos_sin, rope_inv_freq
 

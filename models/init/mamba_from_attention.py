@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import torch
 
-from ..mamba2 import Mamba2
-from .attention_weights import AttentionWeights
+from ..mixer_mamba2 import Mamba2
+from ..attention_weights import AttentionWeights
 
 CONV_INITS = ("identity", "random")
 

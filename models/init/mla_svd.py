@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import torch
 
 from ..config import MLAConfig
-from ..mla import MLA
-from .attention_weights import AttentionWeights
+from ..mixer_mla import MLA
+from ..attention_weights import AttentionWeights
 
 
 @dataclass

@@ -19,7 +19,7 @@ from ..documents import documents_from_positions
 from ..flops import student_cache_bytes, teacher_cache_bytes
 from ..hybrid import HybridForCausalLM
 from ..teacher import TeacherSpec
-from .attention_weights import attention_weights
+from ..attention_weights import attention_weights
 from .mamba_from_attention import init_mamba_from_attention
 from .mla_svd import choose_rope_pairs, energy_rank, init_mla_from_attention, kv_factors, rope_split
 from .report import InitReport
