@@ -15,13 +15,13 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel
 
+from ..attention_weights import attention_weights
 from ..documents import documents_from_positions
 from ..flops import student_cache_bytes, teacher_cache_bytes
 from ..hybrid import HybridForCausalLM
+from ..mixer_mamba2 import init_mamba_from_attention
+from ..mixer_mla import choose_rope_pairs, energy_rank, init_mla_from_attention, kv_factors, rope_split
 from ..teacher import TeacherSpec
-from ..attention_weights import attention_weights
-from .mamba_from_attention import init_mamba_from_attention
-from .mla_svd import choose_rope_pairs, energy_rank, init_mla_from_attention, kv_factors, rope_split
 from .report import InitReport
 from .student_config import build_student_config, check_mla_fits
 
