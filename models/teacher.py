@@ -9,7 +9,6 @@ The config is read and checked before any weights load, so unsupported teachers 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -17,6 +16,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, Pre
 
 from .errors import first_line
 from .rope import SUPPORTED_ROPE_TYPES
+from .teacher_spec import TeacherSpec
 
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
@@ -24,33 +24,6 @@ SUPPORTED_ARCHITECTURES = {
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
 }
-
-
-@dataclass(frozen=True)
-class TeacherSpec:
-    family: str
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    hidden_act: str
-    rms_norm_eps: float
-    max_position_embeddings: int
-    rope_parameters: dict
-    tie_word_embeddings: bool
-    qkv_bias: bool
-    o_bias: bool
-    mlp_bias: bool
-    qk_norm: bool
-    bos_token_id: int | list[int] | None
-    eos_token_id: int | list[int] | None
-    pad_token_id: int | None
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def _rope_parameters(config: PretrainedConfig) -> dict:
