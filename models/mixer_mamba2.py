@@ -19,23 +19,134 @@ Defaults for what attention has no counterpart for (the model's random init, mam
 A_log = log U(1, 16) (per-head decay rates), dt from dt_bias = softplus^-1(U_log(0.001, 0.1)) with small
 random dt rows in in_proj, D = 1 (skip connection), the gate rows z random N(0, 0.02), norm weight 1.
 RoPE has no counterpart (Mamba2 is position-free) and Qwen3's q/k norms are not carried over.
+
+The Mamba2 mixer kind, top to bottom: settings (MambaConfig, MambaDims), cache slot, module, initialization
+from attention, settings from a teacher, and the registry entry MAMBA2_KIND (models/mixer_kind.py).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import initialization as init
 
 from .attention_weights import AttentionWeights
-from .cache import MambaLayerCache
 from .compile import compiled_in_training
-from .config import HybridConfig, MambaDims
 from .conv import causal_conv1d, causal_conv1d_step
 from .documents import Documents
 from .kernels import triton_chunk_scan, triton_state_update
+from .mixer_kind import CacheBytes, CacheRequest, InitOptions, MixerKind, config_from_dict
 from .norm import GatedRMSNorm
 from .ssd import selective_state_update_ref, ssd_chunk_scan_ref
+
+if TYPE_CHECKING:
+    from .config import HybridConfig
+    from .teacher_spec import TeacherSpec
+
+NAME = "mamba"  # HybridConfig.mixer_types entry and settings key (config.json "mamba", student.mamba); never renamed
+
+
+@dataclass
+class MambaConfig:
+    """Mamba2 mixer. `layout="gqa"` is Zebra-Llama's: x and B per teacher KV head (repeated over the
+    query group), C per head, so x <- W_v, B <- W_k, C <- W_q, out_proj <- W_o map one to one."""
+
+    d_state: int = 64
+    headdim: int = 64
+    num_heads: int | None = None  # None: the teacher's num_attention_heads
+    layout: str = "gqa"  # "gqa" or "standard" (mamba-ssm: x per head, B and C in `ngroups` groups)
+    ngroups: int = 1  # standard layout only
+    d_conv: int = 4
+    chunk_size: int = 256
+    conv_bias: bool = True
+    in_proj_bias: bool = False  # set when the teacher has q/k/v biases
+    out_proj_bias: bool = False
+    norm_groups: int = 1  # gated RMSNorm groups over d_inner
+    norm_before_gate: bool = False  # mamba-ssm's Mamba2 default
+    dt_min: float = 0.001
+    dt_max: float = 0.1
+    dt_init_floor: float = 1e-4
+    dt_limit: tuple[float, float] = (0.0, float("inf"))
+    A_init_range: tuple[float, float] = (1.0, 16.0)
+    use_triton: bool = True  # mamba-ssm Triton kernels on CUDA tensors when importable
+
+    def __post_init__(self) -> None:
+        for key in ("dt_limit", "A_init_range"):  # lists from config.json or YAML
+            if getattr(self, key) is not None:
+                setattr(self, key, tuple(float(v) for v in getattr(self, key)))
+
+    def heads(self, num_attention_heads: int) -> int:
+        return self.num_heads or num_attention_heads
+
+    def validate(self, num_attention_heads: int, num_kv_heads: int) -> None:
+        def bad(key: str, value: Any, allowed: str) -> ValueError:
+            return ValueError(f"mamba.{key}={value!r} is invalid: {allowed}")
+
+        nheads = self.heads(num_attention_heads)
+        for key in ("d_state", "headdim", "d_conv", "chunk_size"):
+            if getattr(self, key) < 1:
+                raise bad(key, getattr(self, key), "must be >= 1")
+        if self.layout not in ("gqa", "standard"):
+            raise bad("layout", self.layout, "one of 'gqa', 'standard'")
+        groups = num_kv_heads if self.layout == "gqa" else self.ngroups
+        if nheads % groups:
+            raise bad(
+                "ngroups" if self.layout == "standard" else "layout",
+                groups,
+                f"must divide num_heads={nheads}",
+            )
+        if (nheads * self.headdim) % self.norm_groups:
+            raise bad("norm_groups", self.norm_groups, f"must divide d_inner={nheads * self.headdim}")
+        lo, hi = self.dt_limit
+        if not 0.0 <= lo < hi:
+            raise bad("dt_limit", self.dt_limit, "need 0 <= low < high")
+
+
+@dataclass(frozen=True)
+class MambaDims:
+    """Derived Mamba2 sizes. x has `x_heads` heads and B has `b_groups` groups before being repeated up to
+    `nheads` / `c_groups`; the conv runs over x, B and C before repetition (a smaller conv state)."""
+
+    nheads: int
+    headdim: int
+    d_state: int
+    x_heads: int
+    b_groups: int
+    c_groups: int
+
+    @property
+    def d_inner(self) -> int:
+        return self.nheads * self.headdim
+
+    @property
+    def conv_dim(self) -> int:
+        return self.x_heads * self.headdim + (self.b_groups + self.c_groups) * self.d_state
+
+
+def mamba_dims(config: HybridConfig) -> MambaDims:
+    m = config.mixer_settings(NAME)
+    nheads = m.heads(config.num_attention_heads)
+    if m.layout == "gqa":
+        kv = config.num_key_value_heads
+        return MambaDims(nheads, m.headdim, m.d_state, x_heads=kv, b_groups=kv, c_groups=nheads)
+    return MambaDims(nheads, m.headdim, m.d_state, x_heads=nheads, b_groups=m.ngroups, c_groups=m.ngroups)
+
+
+@dataclass
+class MambaLayerCache:
+    conv_state: torch.Tensor  # (B, conv_dim, d_conv - 1), the last inputs of the causal conv
+    ssm_state: torch.Tensor  # (B, nheads, headdim, d_state), fp32 so long decodes do not drift
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.conv_state, self.ssm_state]
+
+    def reorder(self, index: torch.Tensor) -> None:
+        self.conv_state = self.conv_state.index_select(0, index.to(self.conv_state.device))
+        self.ssm_state = self.ssm_state.index_select(0, index.to(self.ssm_state.device))
 
 
 def split_xbc(xbc: torch.Tensor, d: MambaDims) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -59,7 +170,7 @@ class Mamba2(nn.Module):
     def __init__(self, config: HybridConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
-        m, dims = config.mamba_config, config.mamba_dims
+        m, dims = config.mixer_settings(NAME), mamba_dims(config)
         self.dims = dims
         self.chunk_size = m.chunk_size
         self.dt_limit = tuple(m.dt_limit)
@@ -154,7 +265,7 @@ class Mamba2(nn.Module):
         return self.out_proj(y)
 
 
-# -------------------------------------------------------------------------------- Initialization from attention
+# ------------------------------------------------------------------------------ initialization from attention
 
 
 CONV_INITS = ("identity", "random")
@@ -182,3 +293,119 @@ def init_mamba_from_attention(mamba: Mamba2, w: AttentionWeights, conv_init: str
         if mamba.conv1d.bias is not None:
             mamba.conv1d.bias.zero_()
     return {"q_rel_err": 0.0, "k_rel_err": 0.0, "v_rel_err": 0.0}
+
+
+# ---------------------------------------------------------------------------------- settings from a teacher
+
+
+def check_mamba_fits(spec: TeacherSpec, mamba: MambaConfig) -> None:
+    """The attention -> Mamba2 mapping needs the GQA layout with the teacher's head sizes."""
+    mamba.validate(spec.num_heads, spec.num_kv_heads)
+    expected = {"layout": "gqa", "headdim": spec.head_dim, "d_state": spec.head_dim}
+    for key, value in expected.items():
+        if getattr(mamba, key) != value:
+            raise ValueError(
+                f"student.mamba.{key}={getattr(mamba, key)!r} does not fit initialization from the teacher's "
+                f"attention: it must be {value!r} (x <- W_v, B <- W_k, C <- W_q per teacher head)"
+            )
+    if mamba.heads(spec.num_heads) != spec.num_heads:
+        raise ValueError(
+            f"student.mamba.num_heads={mamba.num_heads} must equal the teacher's num_attention_heads {spec.num_heads}"
+        )
+
+
+def student_settings(spec: TeacherSpec, mamba: dict, options: InitOptions) -> MambaConfig:
+    """`student.mamba` completed from the teacher: head sizes for the mapping from attention, biases."""
+    mamba = dict(mamba)
+    mamba.setdefault("headdim", spec.head_dim)  # the mapping from attention needs the teacher's head size
+    mamba.setdefault("d_state", spec.head_dim)
+    mamba.setdefault("in_proj_bias", spec.qkv_bias)
+    mamba.setdefault("out_proj_bias", spec.o_bias)
+    return config_from_dict(MambaConfig, mamba)
+
+
+# --------------------------------------------------------------------------------------------- registry entry
+
+
+def _call(module: Mamba2, hidden, cos, sin, docs: Documents, cache: MambaLayerCache | None) -> torch.Tensor:
+    return module(hidden, docs, cache)  # position-free: no RoPE
+
+
+def _validate(mamba: MambaConfig, config: HybridConfig) -> None:
+    mamba.validate(config.num_attention_heads, config.num_key_value_heads)
+
+
+def _make_cache(config: HybridConfig, layer_idx: int, request: CacheRequest) -> MambaLayerCache:
+    """Constant size: the conv's last d_conv-1 inputs and the SSM state (in `state_dtype`), zeros."""
+    dims, d_conv, batch = mamba_dims(config), config.mixer_settings(NAME).d_conv, request.batch_size
+    conv_state = torch.zeros(batch, dims.conv_dim, d_conv - 1, dtype=request.dtype, device=request.device)
+    ssm_state = torch.zeros(
+        batch, dims.nheads, dims.headdim, dims.d_state, dtype=request.state_dtype, device=request.device
+    )
+    return MambaLayerCache(conv_state=conv_state, ssm_state=ssm_state)
+
+
+def _cache_bytes(config: HybridConfig, layer_idx: int, dtype: torch.dtype, state_dtype: torch.dtype) -> CacheBytes:
+    """Nothing per token; a constant conv + SSM state per sequence."""
+    dims, d_conv = mamba_dims(config), config.mixer_settings(NAME).d_conv
+    conv = dims.conv_dim * (d_conv - 1) * dtype.itemsize
+    ssm = dims.nheads * dims.headdim * dims.d_state * state_dtype.itemsize
+    return CacheBytes(per_token=0, constant=conv + ssm)
+
+
+def _extra_flops(module: Mamba2, context: float) -> int:
+    """The chunked SSD scan per head, Q * (N + P) + 4 * N * P, plus the depthwise conv (context-free)."""
+    d = module.dims
+    scan = d.nheads * (module.chunk_size * (d.d_state + d.headdim) + 4 * d.d_state * d.headdim)
+    return scan + 2 * d.conv_dim * module.conv1d.kernel_size[0]
+
+
+@torch.no_grad()
+def _init_weights(module: Mamba2, config: HybridConfig) -> None:
+    """mamba-ssm's init of what has no nn.Linear counterpart; `init.*` skips tensors loaded from a checkpoint."""
+    m = config.mixer_settings(NAME)
+    nheads = module.dims.nheads
+    # dt log-uniform in [dt_min, dt_max]; dt_bias is its inverse softplus (mamba-ssm's init).
+    dt = torch.exp(
+        torch.rand(nheads) * (torch.log(torch.tensor(m.dt_max)) - torch.log(torch.tensor(m.dt_min)))
+        + torch.log(torch.tensor(m.dt_min))
+    ).clamp(min=m.dt_init_floor)
+    init.copy_(module.dt_bias, dt + torch.log(-torch.expm1(-dt)))
+    init.copy_(module.A_log, torch.log(torch.empty(nheads).uniform_(*m.A_init_range)))
+    init.ones_(module.D)
+
+
+def _check_fits(spec: TeacherSpec, mamba: MambaConfig, options: InitOptions) -> None:
+    check_mamba_fits(spec, mamba)
+
+
+def _plan_init(
+    config: HybridConfig, spec: TeacherSpec, weights: dict[int, AttentionWeights], options: InitOptions
+) -> dict[int, Any]:
+    return {}  # each layer maps on its own
+
+
+def _init_from_attention(
+    module: Mamba2, w: AttentionWeights, config: HybridConfig, planned: Any, options: InitOptions
+) -> dict[str, Any]:
+    return init_mamba_from_attention(module, w, options.conv_init)
+
+
+MAMBA2_KIND = MixerKind(
+    name=NAME,
+    module=Mamba2,
+    attribute="mamba",  # state-dict keys model.layers.<i>.mamba.*: checkpoints depend on it
+    settings=MambaConfig,
+    validate=_validate,
+    call=_call,
+    make_cache=_make_cache,
+    cache_bytes=_cache_bytes,
+    extra_flops=_extra_flops,
+    init_weights=_init_weights,
+    student_settings=student_settings,
+    check_fits=_check_fits,
+    plan_init=_plan_init,
+    init_from_attention=_init_from_attention,
+    reproduces_attention=False,
+    constant_state=True,
+)

@@ -21,29 +21,145 @@ Zebra-Llama code does, cuts pairs in half and changes which frequencies rotate t
 The nope keys and all values come from one latent: a joint SVD of [W_k,nope; W_v] (stacked per KV
 head), truncated to kv_lora_rank, split sqrt(S) to each side. Queries are the teacher's, permuted into
 [nope dims, RoPE dims] per head (or an SVD of that when q_lora_rank is set). W_o copies as is.
+
+The MLA mixer kind, top to bottom: settings (MLAConfig), cache slot, module, initialization from attention,
+settings from a teacher, and the registry entry MLA_KIND (models/mixer_kind.py says what each entry is).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .attention_weights import AttentionWeights
-from .cache import MLALayerCache
-from .config import HybridConfig, MLAConfig
 from .documents import Documents
+from .mixer_kind import CacheBytes, CacheRequest, InitOptions, MixerKind, config_from_dict
 from .norm import RMSNorm
 from .rope import apply_rope
+
+if TYPE_CHECKING:
+    from .config import HybridConfig
+    from .teacher_spec import TeacherSpec
+
+NAME = "mla"  # HybridConfig.mixer_types entry and settings key (config.json "mla", student.mla); never renamed
+
+
+@dataclass
+class MLAConfig:
+    """Multi-head latent attention (DeepSeek-V2 style, X-EcoMLA initializable).
+
+    Per token the cache holds the latent (`kv_lora_rank`) plus `num_rope_heads * qk_rope_head_dim`
+    RoPE key values; keys' nope part and values are up-projected from the latent.
+    """
+
+    kv_lora_rank: int = 128
+    # Per-layer latent ranks (index = layer; entries of Mamba2 layers unused), e.g. from the energy rule.
+    kv_lora_ranks: list[int] | None = None
+    q_lora_rank: int | None = None  # None: full-rank q_proj (as in Zebra-Llama 1B/3B)
+    qk_nope_head_dim: int = 32
+    qk_rope_head_dim: int = 32
+    v_head_dim: int = 64
+    # "shared": one RoPE key head for all query heads (DeepSeek); "per_kv_head": one per teacher KV head.
+    rope_heads: str = "shared"
+    # "gqa": one up-projection per teacher KV head, repeated over its query group; "per_head": one per head.
+    kv_up_layout: str = "gqa"
+    latent_norm: bool = False  # RMSNorm on the KV latent (DeepSeek has it; SVD init is exact without it)
+    q_latent_norm: bool = False  # RMSNorm on the query latent when q_lora_rank is set
+    qkv_bias: bool = False  # teacher q/k/v biases (Qwen2) land on q, the RoPE key and the up-projection
+    o_bias: bool = False
+    qk_norm: bool = False  # per-head RMSNorm on queries and RoPE keys before rotation (Qwen3)
+    softmax_scale: float | None = None  # None: 1/sqrt(qk_nope_head_dim + qk_rope_head_dim)
+    # Which of the teacher's head_dim/2 rotation frequencies the rope_dim/2 student pairs use.
+    # None: evenly spaced, which for plain RoPE equals a fresh RoPE of qk_rope_head_dim with the same theta.
+    rope_freq_indices: list[int] | None = None
+    lossless: bool = False  # set by the init code; documents that dims were chosen to reproduce the teacher
+
+    def validate(self, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
+        def bad(key: str, value: Any, allowed: str) -> ValueError:
+            return ValueError(f"mla.{key}={value!r} is invalid: {allowed}")
+
+        if self.kv_lora_rank < 1:
+            raise bad("kv_lora_rank", self.kv_lora_rank, "must be >= 1")
+        if self.q_lora_rank is not None and self.q_lora_rank < 1:
+            raise bad("q_lora_rank", self.q_lora_rank, "must be >= 1 or null")
+        if self.qk_rope_head_dim < 2 or self.qk_rope_head_dim % 2:
+            raise bad("qk_rope_head_dim", self.qk_rope_head_dim, "must be an even number >= 2")
+        if self.qk_rope_head_dim > head_dim:
+            raise bad("qk_rope_head_dim", self.qk_rope_head_dim, f"must be <= the teacher head_dim {head_dim}")
+        if self.qk_nope_head_dim < 0 or self.v_head_dim < 1:
+            raise bad("qk_nope_head_dim/v_head_dim", (self.qk_nope_head_dim, self.v_head_dim), "must be >= 0 / >= 1")
+        if self.rope_heads not in ("shared", "per_kv_head"):
+            raise bad("rope_heads", self.rope_heads, "one of 'shared', 'per_kv_head'")
+        if self.kv_up_layout not in ("gqa", "per_head"):
+            raise bad("kv_up_layout", self.kv_up_layout, "one of 'gqa', 'per_head'")
+        if num_heads % num_kv_heads:
+            raise bad("num_kv_heads", num_kv_heads, f"must divide num_attention_heads={num_heads}")
+        if self.rope_freq_indices is not None:
+            idx = list(self.rope_freq_indices)
+            if len(idx) != self.qk_rope_head_dim // 2 or not all(0 <= i < head_dim // 2 for i in idx):
+                raise bad(
+                    "rope_freq_indices",
+                    idx,
+                    f"need {self.qk_rope_head_dim // 2} indices in [0, {head_dim // 2})",
+                )
+
+    def rank(self, layer_idx: int) -> int:
+        if self.kv_lora_ranks is not None and self.kv_lora_ranks[layer_idx]:
+            return int(self.kv_lora_ranks[layer_idx])
+        return self.kv_lora_rank
+
+    def num_rope_heads(self, num_kv_heads: int) -> int:
+        return 1 if self.rope_heads == "shared" else num_kv_heads
+
+    def num_up_heads(self, num_heads: int, num_kv_heads: int) -> int:
+        return num_kv_heads if self.kv_up_layout == "gqa" else num_heads
+
+    def freq_indices(self, head_dim: int) -> list[int]:
+        if self.rope_freq_indices is not None:
+            return list(self.rope_freq_indices)
+        step = head_dim / self.qk_rope_head_dim
+        return [int(math.floor(j * step)) for j in range(self.qk_rope_head_dim // 2)]
+
+
+@dataclass
+class MLALayerCache:
+    latent: torch.Tensor | None = None  # (B, S, kv_lora_rank)
+    rope_key: torch.Tensor | None = None  # (B, S, rope_heads, qk_rope_head_dim), already rotated
+    # Preallocated mode: the model's shared 0-d device counter of tokens written (S above is then max_length).
+    position: torch.Tensor | None = None
+
+    def update(self, latent: torch.Tensor, rope_key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this call's tokens; return everything cached so far (preallocated: the whole buffers)."""
+        if self.position is not None:
+            index = self.position + torch.arange(latent.shape[1], device=latent.device)
+            self.latent.index_copy_(1, index, latent.to(self.latent.dtype))
+            self.rope_key.index_copy_(1, index, rope_key.to(self.rope_key.dtype))
+        elif self.latent is None:
+            self.latent, self.rope_key = latent, rope_key
+        else:
+            self.latent = torch.cat([self.latent, latent], dim=1)
+            self.rope_key = torch.cat([self.rope_key, rope_key], dim=1)
+        return self.latent, self.rope_key
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.latent, self.rope_key) if t is not None]
+
+    def reorder(self, index: torch.Tensor) -> None:
+        if self.latent is not None:
+            self.latent = self.latent.index_select(0, index.to(self.latent.device))
+            self.rope_key = self.rope_key.index_select(0, index.to(self.rope_key.device))
 
 
 class MLA(nn.Module):
     def __init__(self, config: HybridConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
-        c = config.mla_config
+        c = config.mixer_settings(NAME)
         self.num_heads = config.num_attention_heads
         self.up_heads = c.num_up_heads(config.num_attention_heads, config.num_key_value_heads)
         self.rope_heads = c.num_rope_heads(config.num_key_value_heads)
@@ -194,7 +310,7 @@ def attention_mask(
     return (causal[None] & same_doc)[:, None]
 
 
-# -------------------------------------------------------------------------------- Initialization from attention
+# ------------------------------------------------------------------------------ initialization from attention
 
 
 @dataclass
@@ -331,3 +447,153 @@ def init_mla_from_attention(
         "kv_energy": (factors.s[:rank].pow(2).sum() / factors.s.pow(2).sum()).item(),
         "kv_lora_rank": rank,
     }
+
+
+# ---------------------------------------------------------------------------------- settings from a teacher
+
+
+def lossless_mla(spec: TeacherSpec) -> dict:
+    """MLA that is the teacher's GQA in MLA form: RoPE over every key dim per KV head, full value rank."""
+    return dict(
+        kv_lora_rank=spec.num_kv_heads * spec.head_dim,
+        q_lora_rank=None,
+        qk_nope_head_dim=0,
+        qk_rope_head_dim=spec.head_dim,
+        v_head_dim=spec.head_dim,
+        rope_heads="per_kv_head",
+        kv_up_layout="gqa",
+        latent_norm=False,
+        rope_freq_indices=list(range(spec.head_dim // 2)),
+        lossless=True,
+    )
+
+
+def max_kv_rank(spec: TeacherSpec, mla: MLAConfig) -> int:
+    """The rank of [W_k (nope rows); W_v] can be at most min(hidden, rows)."""
+    rows = spec.num_kv_heads * (mla.qk_nope_head_dim + spec.head_dim)
+    return min(spec.hidden_size, rows)
+
+
+def check_mla_fits(spec: TeacherSpec, mla: MLAConfig, check_rank: bool = True) -> None:
+    mla.validate(spec.num_heads, spec.num_kv_heads, spec.head_dim)
+    hd = spec.head_dim
+    if mla.qk_nope_head_dim + mla.qk_rope_head_dim != hd:
+        raise ValueError(
+            f"student.mla.qk_nope_head_dim + qk_rope_head_dim = {mla.qk_nope_head_dim} + {mla.qk_rope_head_dim} "
+            f"must equal the teacher head_dim {hd}: SVD init splits each teacher key head into nope and RoPE parts"
+        )
+    if mla.v_head_dim != hd:
+        raise ValueError(f"student.mla.v_head_dim={mla.v_head_dim} must equal the teacher head_dim {hd}")
+    limit = max_kv_rank(spec, mla)
+    ranks = [r for r in (mla.kv_lora_ranks or []) if r] or [mla.kv_lora_rank]
+    if check_rank and max(ranks) > limit:
+        raise ValueError(
+            f"student.mla.kv_lora_rank={max(ranks)} exceeds the rank of the teacher's joint K/V map: allowed 1..{limit}"
+        )
+    q_limit = min(spec.hidden_size, spec.num_heads * hd)
+    if mla.q_lora_rank is not None and mla.q_lora_rank > q_limit:
+        raise ValueError(
+            f"student.mla.q_lora_rank={mla.q_lora_rank} exceeds the teacher's W_q rank: allowed 1..{q_limit}"
+        )
+
+
+def student_settings(spec: TeacherSpec, mla: dict, options: InitOptions) -> MLAConfig:
+    """`student.mla` completed from the teacher: its biases and q/k norms; the lossless dims when asked."""
+    mla = dict(mla)
+    mla.pop("lossless", None)
+    if options.lossless:
+        mla = {**mla, **lossless_mla(spec)}
+    mla.setdefault("qkv_bias", spec.qkv_bias)
+    mla.setdefault("o_bias", spec.o_bias)
+    mla.setdefault("qk_norm", spec.qk_norm)
+    return config_from_dict(MLAConfig, mla)
+
+
+def check_fits(spec: TeacherSpec, mla: MLAConfig, options: InitOptions) -> None:
+    # With an energy threshold the latent ranks are chosen per layer later (plan_init), from the teacher's spectrum.
+    check_mla_fits(spec, mla, check_rank=options.energy is None)
+
+
+def plan_init(
+    config: HybridConfig, spec: TeacherSpec, weights: dict[int, AttentionWeights], options: InitOptions
+) -> dict[int, KVFactors]:
+    """The RoPE pairs (from all MLA layers' weights) and, with `energy`, per-layer ranks: written into the config's
+    MLA settings. Returns each layer's K/V factors, computed once here. Lossless settings are final already."""
+    if options.lossless:
+        return {}
+    mla_cfg = config.mixer_settings(NAME)
+    chosen = choose_rope_pairs(list(weights.values()), spec.head_dim, mla_cfg.qk_rope_head_dim, options.rope_pairs)
+    mla_cfg.rope_freq_indices = chosen
+    _, nope_dims = rope_split(spec.head_dim, chosen)
+    factors = {i: kv_factors(w, nope_dims) for i, w in weights.items()}
+    if options.energy is not None:
+        ranks = [0] * spec.num_layers
+        for i in weights:
+            ranks[i] = energy_rank(factors[i].s, options.energy)
+        mla_cfg.kv_lora_ranks = ranks
+    check_mla_fits(spec, mla_cfg)
+    config.set_mixer_settings(NAME, mla_cfg)
+    return factors
+
+
+# --------------------------------------------------------------------------------------------- registry entry
+
+
+def _call(module: MLA, hidden, cos, sin, docs: Documents, cache: MLALayerCache | None) -> torch.Tensor:
+    return module(hidden, cos, sin, docs, cache)
+
+
+def _validate(mla: MLAConfig, config: HybridConfig) -> None:
+    mla.validate(config.num_attention_heads, config.num_key_value_heads, config.head_dim)
+
+
+def _make_cache(config: HybridConfig, layer_idx: int, request: CacheRequest) -> MLALayerCache:
+    """Growing (empty until the first call) or, with `max_length`, preallocated buffers written in place."""
+    if request.max_length is None:
+        return MLALayerCache()
+    c, shape = config.mixer_settings(NAME), (request.batch_size, request.max_length)
+    rope_heads = c.num_rope_heads(config.num_key_value_heads)
+    return MLALayerCache(
+        latent=torch.zeros(*shape, c.rank(layer_idx), dtype=request.dtype, device=request.device),
+        rope_key=torch.zeros(*shape, rope_heads, c.qk_rope_head_dim, dtype=request.dtype, device=request.device),
+        position=request.position,
+    )
+
+
+def _cache_bytes(config: HybridConfig, layer_idx: int, dtype: torch.dtype, state_dtype: torch.dtype) -> CacheBytes:
+    """Per token: the latent plus the rotated RoPE key of every RoPE head."""
+    mla = config.mixer_settings(NAME)
+    rope = mla.num_rope_heads(config.num_key_value_heads) * mla.qk_rope_head_dim
+    return CacheBytes(per_token=(mla.rank(layer_idx) + rope) * dtype.itemsize, constant=0)
+
+
+def _extra_flops(module: MLA, context: float) -> int:
+    """Scores and values: 2 * heads * (qk_dim + v_dim) * context."""
+    qk = module.nope_dim + module.rope_dim
+    return int(2 * module.num_heads * (qk + module.v_dim) * context)
+
+
+def _init_from_attention(
+    module: MLA, w: AttentionWeights, config: HybridConfig, factors: KVFactors | None, options: InitOptions
+) -> dict[str, Any]:
+    return init_mla_from_attention(module, w, config.mixer_settings(NAME), factors)
+
+
+MLA_KIND = MixerKind(
+    name=NAME,
+    module=MLA,
+    attribute="self_attn",  # the teacher's name: checkpoints and state-dict keys depend on it
+    settings=MLAConfig,
+    validate=_validate,
+    call=_call,
+    make_cache=_make_cache,
+    cache_bytes=_cache_bytes,
+    extra_flops=_extra_flops,
+    init_weights=None,  # nn.Linear and RMSNorm init cover it
+    student_settings=student_settings,
+    check_fits=check_fits,
+    plan_init=plan_init,
+    init_from_attention=_init_from_attention,
+    reproduces_attention=True,
+    constant_state=False,
+)

@@ -81,7 +81,7 @@ class TeacherConfig:
 
 @dataclass
 class MLASettings:
-    """`student.mla`: models.config.MLAConfig's fields (same names and meaning) plus two init choices.
+    """`student.mla`: models.mixer_mla.MLAConfig's fields (same names and meaning) plus two init choices.
     A None on qkv_bias / o_bias / qk_norm means "as the teacher has it"."""
 
     kv_lora_rank: int = 128  # latent size per token (the MLA cache is this + the RoPE key)
@@ -109,7 +109,7 @@ class MLASettings:
 
 @dataclass
 class MambaSettings:
-    """`student.mamba`: models.config.MambaConfig's fields (same names and meaning) plus the conv init.
+    """`student.mamba`: models.mixer_mamba2.MambaConfig's fields (same names and meaning) plus the conv init.
     Initialization from attention (x <- W_v, B <- W_k, C <- W_q) needs layout "gqa" and headdim = d_state =
     the teacher's head_dim; None takes those from the teacher."""
 
@@ -640,22 +640,26 @@ def student_init_kwargs(student: StudentConfig | DictConfig) -> dict[str, Any]:
     """Keyword arguments of `models.init.convert_teacher` from `student` (build_student_config takes the same
     minus rope_pairs / conv_init): MLAConfig / MambaConfig dicts without the init-only keys, and with None
     values dropped so the teacher-derived defaults (biases, qk_norm, Mamba head sizes) apply."""
+    from models.mixers import MIXERS
+
     if isinstance(student, DictConfig):
         student = OmegaConf.to_object(student)
-    mla = {f.name: getattr(student.mla, f.name) for f in fields(student.mla)}
-    mamba = {f.name: getattr(student.mamba, f.name) for f in fields(student.mamba)}
     extra = {
-        "energy": mla.pop("energy"),
-        "rope_pairs": mla.pop("rope_pairs"),
-        "lossless": mla.pop("lossless"),
-        "conv_init": mamba.pop("conv_init"),
+        "energy": student.mla.energy,
+        "rope_pairs": student.mla.rope_pairs,
+        "lossless": student.mla.lossless,
+        "conv_init": student.mamba.conv_init,
         "mixer_init": student.mixer_init,
     }
+    settings = {}
+    for kind in MIXERS:  # student.<kind name>: that kind's settings (and the init-only keys above)
+        group = getattr(student, kind)
+        values = {f.name: getattr(group, f.name) for f in fields(group) if f.name not in extra}
+        settings[kind] = {k: v for k, v in values.items() if v is not None}
     layers = student.mla_layers
     return {
         "mla_layers": list(layers) if isinstance(layers, (list, tuple)) else layers,
-        "mla": {k: v for k, v in mla.items() if v is not None},
-        "mamba": {k: v for k, v in mamba.items() if v is not None},
+        **settings,
         **extra,
     }
 

@@ -30,7 +30,8 @@ class ILDModule(DistillModule):
         mixer_weight: float = 1.0,
         trainable: str = "mixers",
     ):
-        """`students`: {"assigned": student} for a fixed layer map, or {"mla": all-MLA, "mamba": all-Mamba2}."""
+        """`students`: {"assigned": student} for a fixed layer map, or {kind name: all-that-kind student} for every
+        candidate kind (models.mixers.candidate_kinds)."""
         super().__init__(teacher, optim)
         self.students = nn.ModuleDict(students)
         self.loss_kind, self.output_weight, self.mixer_weight = loss_kind, output_weight, mixer_weight

@@ -31,6 +31,7 @@ from models import HybridForCausalLM, student_cache_bytes, teacher_cache_bytes
 from models.compile import set_compile
 from models.gguf import find_gguf, gguf_cache_dir
 from models.init import convert_teacher
+from models.mixers import PLACED_KIND, candidate_kinds, mixer_map
 from models.select import num_mla_for_budget, sensitivity_from_ild, smart_select, uniform_select
 from models.teacher import TeacherSpec, load_teacher, resolve_teacher_path
 
@@ -166,8 +167,9 @@ def stage_init(ctx: Context) -> dict:
     kwargs = student_init_kwargs(ctx.cfg.student)
     folder = ctx.stage_dir("init")
     if _wants_candidates(ctx.cfg):
-        for kind, layers in (("mla", "all"), ("mamba", "none")):
-            candidate, report = convert_teacher(ctx.teacher, ctx.spec, **{**kwargs, "mla_layers": layers})
+        for kind in candidate_kinds():
+            every_layer = {"mla_layers": None, "mixer_types": [kind] * ctx.spec.num_layers}
+            candidate, report = convert_teacher(ctx.teacher, ctx.spec, **{**kwargs, **every_layer})
             report.to_json(folder / f"init_report_{kind}.json")
             _save_student(candidate, folder / "candidates" / kind, ctx.tokenizer)
     if kwargs["mla_layers"] == "smart":  # the map comes from the select stage
@@ -239,7 +241,7 @@ def stage_ild(ctx: Context) -> dict:
     init = ctx.stage_dir("init")
     candidates = init / "candidates"
     if _wants_candidates(ctx.cfg) and candidates.exists():
-        sources = {kind: candidates / kind for kind in ("mla", "mamba")}
+        sources = {kind: candidates / kind for kind in candidate_kinds()}
     else:
         sources = {"assigned": init / "student"}
     students = {name: _load_student(path) for name, path in sources.items()}
@@ -317,9 +319,9 @@ def stage_select(ctx: Context) -> dict:
     cfg, spec = ctx.cfg, ctx.spec
     losses = json.loads((ctx.stage_dir("ild") / "layer_losses.json").read_text())
     scores = sensitivity_from_ild(losses, spec.num_layers)
-    aligned = {kind: _load_student(ctx.stage_dir("ild") / "candidates" / kind) for kind in ("mla", "mamba")}
+    aligned = {kind: _load_student(ctx.stage_dir("ild") / "candidates" / kind) for kind in candidate_kinds()}
     teacher_bytes = teacher_cache_bytes(spec.num_layers, spec.num_kv_heads, spec.head_dim).per_token
-    per_mla_layer = student_cache_bytes(aligned["mla"].config).per_token // spec.num_layers
+    per_mla_layer = student_cache_bytes(aligned[PLACED_KIND.name].config).per_token // spec.num_layers
     layers_cfg = cfg.student.mla_layers
     if cfg.select.get("num_mla_layers") is not None:
         count = cfg.select.num_mla_layers
@@ -335,10 +337,10 @@ def stage_select(ctx: Context) -> dict:
         selection = smart_select(scores, count, cfg.select.keep_terminal)
     for line in selection.trace:
         log.info("select: %s", line)
-    mixer_types = ["mla" if i in selection.layers else "mamba" for i in range(spec.num_layers)]
+    mixer_types = mixer_map(spec.num_layers, selection.layers)
     folder = ctx.stage_dir("select")
     _save_student(compose_student(aligned, mixer_types), folder / "student", ctx.tokenizer)
-    initial = {kind: _load_student(ctx.stage_dir("init") / "candidates" / kind) for kind in ("mla", "mamba")}
+    initial = {kind: _load_student(ctx.stage_dir("init") / "candidates" / kind) for kind in candidate_kinds()}
     _save_student(compose_student(initial, mixer_types), folder / "initialized_student", ctx.tokenizer)
     result = {
         "mla_layers": selection.layers,

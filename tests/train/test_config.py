@@ -231,7 +231,7 @@ def test_saved_untyped_config_validates_again():
 
 
 def test_schema_follows_the_model_configs():
-    from models.config import MambaConfig, MLAConfig
+    from models import MambaConfig, MLAConfig
 
     mla = {f.name for f in fields(MLASettings)}
     mamba = {f.name for f in fields(MambaSettings)}
@@ -242,9 +242,10 @@ def test_schema_follows_the_model_configs():
 
 
 def test_student_init_kwargs_feed_the_init_code():
-    from models.config import MambaConfig, MLAConfig, config_from_dict
+    from models import MambaConfig, MLAConfig
     from models.init import build_student_config
     from models.init.transfer import convert_teacher
+    from models.mixer_kind import config_from_dict
     from train.config import _teacher_spec, _typed
 
     cfg = _typed(compose_config(["conf=lossless"]))
@@ -256,7 +257,8 @@ def test_student_init_kwargs_feed_the_init_code():
     config_from_dict(MambaConfig, kwargs["mamba"])
     kwargs.pop("rope_pairs"), kwargs.pop("conv_init"), kwargs.pop("mixer_init")
     student = build_student_config(_teacher_spec(cfg.teacher), **kwargs)
-    assert student.mla_config.kv_lora_rank == 2 * 32 and student.mla_config.qk_rope_head_dim == 32  # exact GQA
+    mla = student.mixer_settings("mla")
+    assert mla.kv_lora_rank == 2 * 32 and mla.qk_rope_head_dim == 32  # exact GQA
 
 
 STRATEGIES = sorted(p.stem for p in (CONF_DIR / "strategy").glob("*.yaml"))
