@@ -78,7 +78,7 @@ class HybridConfig(PretrainedConfig):
         self.validate_hybrid()
 
     def mixer_settings(self, name: str) -> Any:
-        """Kind `name`'s settings as its dataclass (a fresh copy: change it, then `set_mixer_settings`)."""
+        """Kind `name`'s settings as a new dataclass (to change them: edit it, then `set_mixer_settings`)."""
         return config_from_dict(mixer_kind(name).settings, getattr(self, name))
 
     def set_mixer_settings(self, name: str, settings: Any) -> None:
