@@ -38,6 +38,7 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, StaticCach
 
 from models import HybridConfig, HybridForCausalLM, student_cache_bytes, teacher_cache_bytes
 from models.kernels import triton_state_update
+from models.mixers import mixer_map
 from models.sizes import LLAMA_3_2_1B, TINY_LLAMA, ZEBRA_1B_MAMBA, ZEBRA_1B_MLA
 
 PROCESS_START = time.perf_counter()  # the time budget counts imports and model building too
@@ -99,7 +100,7 @@ def build_models(preset: str, device: str, dtype: torch.dtype) -> tuple[HybridFo
     p = PRESETS[preset]
     trunk = {**p["trunk"], "tie_word_embeddings": True}  # as Llama-3.2-1B
     layers = trunk["num_hidden_layers"]
-    mixers = ["mla" if i in p["mla_layers"] else "mamba" for i in range(layers)]
+    mixers = mixer_map(layers, p["mla_layers"])
     student_config = HybridConfig(**trunk, mixer_types=mixers, mla=p["mla"], mamba=p["mamba"])
     teacher_config = LlamaConfig(**trunk)
     teacher_config._attn_implementation = "sdpa"

@@ -36,7 +36,7 @@ from bench.common import environment, median, record, stamp, sync
 from data.batch import collate_rows
 from models import HybridForCausalLM
 from models.compile import set_compile
-from models.flops import attention_context, training_flops_per_token
+from models.flops import attention_context, teacher_step_flops
 from models.init.student_config import build_student_config
 from models.kernels import limit_autotune_configs
 from models.sizes import LLAMA_3_1_8B, LLAMA_3_2_1B, LLAMA_3_2_3B, TINY_LLAMA
@@ -86,7 +86,7 @@ def student_settings(preset: str) -> dict:
     if preset == "smoke":
         return SMOKE_STUDENT
     kwargs = student_init_kwargs(preset_student(preset))
-    return {k: v for k, v in kwargs.items() if k not in ("rope_pairs", "conv_init")}
+    return {k: v for k, v in kwargs.items() if k not in ("rope_pairs", "conv_init", "mixer_init")}
 
 
 def build_teacher(name: str, device: torch.device, dtype: torch.dtype, trainable: bool = False) -> LlamaForCausalLM:
@@ -156,7 +156,7 @@ class TeacherCE(L.LightningModule):
         return adamw_cosine(list(self.parameters()), **OPTIM, cpu_offload=offloads_optimizer(self.trainer.strategy))
 
     def flops_per_token(self, context: float) -> int:
-        return training_flops_per_token("teacher_ce", self.model, [], context)
+        return teacher_step_flops(self.model, context)
 
 
 def make_module(

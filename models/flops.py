@@ -1,26 +1,22 @@
 """Analytic cache accounting: bytes per token (grows with context) and constant state bytes per sequence.
 
-MLA layers cache the latent plus the RoPE key per token; Mamba2 layers hold a fixed conv + SSM state.
+MLA layers cache the latent plus the RoPE key per token; Mamba2 layers hold a fixed conv + SSM state (each
+kind's `cache_bytes` and `extra_flops` live in its mixer file; this file sums them over layers).
 The teacher (GQA) caches K and V for every KV head in every layer. These numbers must equal what
 `HybridCache` actually allocates (tests check it), so reports and benchmarks can quote them.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-from .config import HybridConfig
+from .mixer_kind import CacheBytes
+from .mixers import kind_of_module, mixer_kind
 
-
-@dataclass(frozen=True)
-class CacheBytes:
-    per_token: int  # bytes added per token per sequence
-    constant: int  # bytes per sequence, independent of length
-
-    def total(self, tokens: int, batch: int = 1) -> int:
-        return batch * (self.per_token * tokens + self.constant)
+if TYPE_CHECKING:
+    from .config import HybridConfig
 
 
 def _size(dtype: torch.dtype) -> int:
@@ -30,17 +26,11 @@ def _size(dtype: torch.dtype) -> int:
 def student_cache_bytes(
     config: HybridConfig, dtype: torch.dtype = torch.bfloat16, ssm_state_dtype: torch.dtype = torch.float32
 ) -> CacheBytes:
+    """Sum over layers of what each layer's mixer kind caches (per token and constant)."""
     per_token = constant = 0
-    if "mla" in config.mixer_types:
-        mla = config.mla_config
-        rope = mla.num_rope_heads(config.num_key_value_heads) * mla.qk_rope_head_dim
-        per_token = sum(mla.rank(i) + rope for i in config.mla_layers) * _size(dtype)
-    n_mamba = config.mixer_types.count("mamba")
-    if n_mamba:
-        dims, d_conv = config.mamba_dims, config.mamba_config.d_conv
-        conv = dims.conv_dim * (d_conv - 1) * _size(dtype)
-        ssm = dims.nheads * dims.headdim * dims.d_state * _size(ssm_state_dtype)
-        constant = n_mamba * (conv + ssm)
+    for i, name in enumerate(config.mixer_types):
+        layer = mixer_kind(name).cache_bytes(config, i, dtype, ssm_state_dtype)
+        per_token, constant = per_token + layer.per_token, constant + layer.constant
     return CacheBytes(per_token=per_token, constant=constant)
 
 
@@ -79,16 +69,9 @@ def attention_context(position_ids: torch.Tensor) -> float:
 def mixer_extra_flops(mixer: torch.nn.Module, context: float) -> int:
     """Forward FLOPs per token of a mixer beyond its Linear layers: attention scores and values, or SSD + conv.
     Works for the student's MLA / Mamba2 and for Hugging Face attention modules (Llama, Qwen, Mistral)."""
-    from .mamba2 import Mamba2
-    from .mla import MLA
-
-    if isinstance(mixer, MLA):
-        qk = mixer.nope_dim + mixer.rope_dim
-        return int(2 * mixer.num_heads * (qk + mixer.v_dim) * context)
-    if isinstance(mixer, Mamba2):
-        d = mixer.dims
-        scan = d.nheads * (mixer.chunk_size * (d.d_state + d.headdim) + 4 * d.d_state * d.headdim)
-        return scan + 2 * d.conv_dim * mixer.conv1d.kernel_size[0]
+    kind = kind_of_module(mixer)
+    if kind is not None:
+        return kind.extra_flops(mixer, context)
     config = mixer.config  # a transformers attention module
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
@@ -109,26 +92,27 @@ def forward_flops(model: torch.nn.Module, context: float, lm_head: bool = True) 
     return total + (linear_flops(model.lm_head) if lm_head else 0)
 
 
-def training_flops_per_token(
-    stage: str, teacher: torch.nn.Module, students: list, context: float, ild_trainable: str = "mixers"
-) -> int:
-    """Model FLOPs per token of one training step (see the rules above).
+def kd_step_flops(teacher: torch.nn.Module, student: torch.nn.Module, context: float) -> int:
+    """Model FLOPs per token of one end-to-end distillation step: student forward + backward (all trained) +
+    teacher forward, both with their lm_head."""
+    return 3 * forward_flops(student, context) + forward_flops(teacher, context)
 
-    kd: student forward + backward (all trained) + teacher forward, both with their lm_head;
-    ild: teacher trunk forward + for every student layer, mixer forward + backward (trained) and the frozen MLP's
-    forward + input gradient (the layer-output loss flows back through it; trained too with ild_trainable="layers");
-    teacher_ce: a plain teacher training step (forward + backward with its lm_head), the baseline."""
-    if stage == "kd":
-        return 3 * sum(forward_flops(s, context) for s in students) + forward_flops(teacher, context)
-    if stage == "ild":
-        total = forward_flops(teacher, context, lm_head=False)
-        for student in students:
-            for layer in _layers(student):
-                mixer = _mixer(layer)
-                mixer_fwd = linear_flops(mixer) + mixer_extra_flops(mixer, context)
-                rest = linear_flops(layer) - linear_flops(mixer)  # the MLP
-                total += 3 * mixer_fwd + (3 if ild_trainable == "layers" else 2) * rest
-        return total
-    if stage == "teacher_ce":
-        return 3 * forward_flops(teacher, context)
-    raise ValueError(f"stage={stage!r} is invalid: kd, ild or teacher_ce")
+
+def ild_step_flops(teacher: torch.nn.Module, students: list, context: float, mlp_trained: bool = False) -> int:
+    """Model FLOPs per token of one layer-wise alignment step: teacher trunk forward + for every student layer,
+    mixer forward + backward (trained) and the MLP's forward + input gradient (the layer-output loss flows back
+    through it), + its weight gradient when `mlp_trained`. No lm_heads."""
+    total = forward_flops(teacher, context, lm_head=False)
+    for student in students:
+        for layer in _layers(student):
+            mixer = _mixer(layer)
+            mixer_fwd = linear_flops(mixer) + mixer_extra_flops(mixer, context)
+            rest = linear_flops(layer) - linear_flops(mixer)  # the MLP
+            total += 3 * mixer_fwd + (3 if mlp_trained else 2) * rest
+    return total
+
+
+def teacher_step_flops(teacher: torch.nn.Module, context: float) -> int:
+    """Model FLOPs per token of a plain training step of the teacher (forward + backward with its lm_head): the
+    baseline the distillation steps are compared with."""
+    return 3 * forward_flops(teacher, context)

@@ -193,7 +193,7 @@ def gguf_config(path: str | Path, name_or_path: str | None = None) -> Pretrained
     """The teacher's config from the GGUF metadata, no dequantization: the same config transformers builds when it
     loads the file (so validation sees the shape the materialized teacher will have), plus `architectures`,
     which GGUF files do not state. Raises TeacherLoadError (one line naming teacher.name_or_path)."""
-    from .teacher import SUPPORTED_ARCHITECTURES
+    from .teachers import SUPPORTED_ARCHITECTURES
 
     path = Path(path).expanduser().resolve()
     name = name_or_path or str(path)

@@ -2,7 +2,8 @@
 
 Reads top to bottom: MLP, decoder layer, pretrained-model base, model, causal LM. Module names match
 Hugging Face Llama's (model.embed_tokens, model.layers.i.{input_layernorm, post_attention_layernorm, mlp},
-model.norm, lm_head) so the teacher's weights copy by name; the mixer is `self_attn` (MLA) or `mamba`.
+model.norm, lm_head) so the teacher's weights copy by name; the mixer is built by its kind (models/mixers.py)
+and kept under the kind's attribute name: `self_attn` (MLA) or `mamba` (Mamba2).
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ from .cache import HybridCache
 from .compile import compiled_in_training
 from .config import HybridConfig
 from .documents import Documents, documents_from_positions, positions_from_attention_mask
-from .mamba2 import Mamba2
-from .mla import MLA
+from .mixer_kind import MixerKind
+from .mixers import kind_of_module, mixer_kind
 from .norm import GatedRMSNorm, RMSNorm
 from .rope import rope_cos_sin, rope_inv_freq
 
@@ -50,25 +51,24 @@ class MLP(nn.Module):
 class HybridDecoderLayer(nn.Module):
     def __init__(self, config: HybridConfig, layer_idx: int):
         super().__init__()
-        self.layer_type = config.mixer_types[layer_idx]
+        self.layer_type = config.mixer_types[layer_idx]  # the mixer kind's name
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        if self.layer_type == "mla":
-            self.self_attn = MLA(config, layer_idx)
-        else:
-            self.mamba = Mamba2(config, layer_idx)
+        kind = mixer_kind(self.layer_type)
+        setattr(self, kind.attribute, kind.module(config, layer_idx))
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
     @property
-    def mixer(self) -> MLA | Mamba2:
-        return self.self_attn if self.layer_type == "mla" else self.mamba
+    def kind(self) -> MixerKind:
+        return mixer_kind(self.layer_type)
+
+    @property
+    def mixer(self) -> nn.Module:
+        return getattr(self, self.kind.attribute)
 
     def mix(self, hidden, cos, sin, docs: Documents, cache=None) -> torch.Tensor:
         """The mixer's output on the normed input (what layer-wise distillation also aligns)."""
-        normed = self.input_layernorm(hidden)
-        if self.layer_type == "mla":
-            return self.self_attn(normed, cos, sin, docs, cache)
-        return self.mamba(normed, docs, cache)
+        return self.kind.call(self.mixer, self.input_layernorm(hidden), cos, sin, docs, cache)
 
     def forward_with_mixer(self, hidden, cos, sin, docs: Documents, cache=None) -> tuple[torch.Tensor, torch.Tensor]:
         """(layer output, mixer output): both are targets of layer-wise distillation."""
@@ -102,17 +102,8 @@ class HybridPreTrainedModel(PreTrainedModel):
             init.normal_(module.weight, mean=0.0, std=std)
         elif isinstance(module, (RMSNorm, GatedRMSNorm)):
             init.ones_(module.weight)
-        elif isinstance(module, Mamba2):
-            m = self.config.mamba_config
-            nheads = module.dims.nheads
-            # dt log-uniform in [dt_min, dt_max]; dt_bias is its inverse softplus (mamba-ssm's init).
-            dt = torch.exp(
-                torch.rand(nheads) * (torch.log(torch.tensor(m.dt_max)) - torch.log(torch.tensor(m.dt_min)))
-                + torch.log(torch.tensor(m.dt_min))
-            ).clamp(min=m.dt_init_floor)
-            init.copy_(module.dt_bias, dt + torch.log(-torch.expm1(-dt)))
-            init.copy_(module.A_log, torch.log(torch.empty(nheads).uniform_(*m.A_init_range)))
-            init.ones_(module.D)
+        elif (kind := kind_of_module(module)) is not None and kind.init_weights is not None:
+            kind.init_weights(module, self.config)  # e.g. Mamba2's dt_bias, A_log, D
         elif isinstance(module, nn.Conv1d):
             init.kaiming_uniform_(module.weight, a=5**0.5)
             if module.bias is not None:

@@ -1,7 +1,8 @@
 """SMART layer selection (Zebra-Llama): which layers stay attention-like (MLA) and which become Mamba2.
 
-Sensitivity of layer i: how much worse its aligned Mamba2 candidate reproduces the teacher than its aligned
-MLA candidate, log(L_mamba / L_mla) of the held-out ILD losses (scale-free across depths). The rule:
+Sensitivity of layer i: how much worse the best aligned candidate of another kind (Mamba2) reproduces the teacher
+than the aligned candidate of the placed kind (MLA, models/mixers.py PLACED_KIND), log(L_other / L_placed) of the
+held-out ILD losses (scale-free across depths). The rule:
 terminal layers are kept as MLA (optional), the MLA layers are spread near-uniformly (every gap between
 consecutive MLA layers within +-50 % of the ideal (L-1)/(K-1)), and among the maps that satisfy both, the
 one with the largest total sensitivity wins (exact dynamic programming). The number of MLA layers comes
@@ -13,6 +14,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from .mixers import MIXERS, PLACED_KIND
+
 
 @dataclass
 class Selection:
@@ -22,13 +25,18 @@ class Selection:
 
 
 def sensitivity_from_ild(layer_losses: dict[str, dict[str, float]], num_layers: int) -> list[float]:
-    """{layer: {"mla": loss, "mamba": loss}} -> per-layer log(L_mamba / L_mla)."""
+    """{layer: {kind name: loss}} -> per-layer log(L_best other kind / L_placed kind), over the kinds measured."""
+    placed = PLACED_KIND.name
     scores = []
     for i in range(num_layers):
-        row = layer_losses.get(str(i), layer_losses.get(i))
-        if row is None or "mla" not in row or "mamba" not in row:
-            raise ValueError(f"select: no ILD losses of both candidates for layer {i}; run ild with candidates=both")
-        scores.append(math.log(max(row["mamba"], 1e-30) / max(row["mla"], 1e-30)))
+        row = layer_losses.get(str(i), layer_losses.get(i)) or {}
+        others = [loss for kind, loss in row.items() if kind != placed and kind in MIXERS]
+        if placed not in row or not others:
+            raise ValueError(
+                f"select: layer {i} has ILD losses of {sorted(row)}, needs {placed!r} and another of "
+                f"{list(MIXERS)}; run ild with candidates=both"
+            )
+        scores.append(math.log(max(min(others), 1e-30) / max(row[placed], 1e-30)))
     return scores
 
 

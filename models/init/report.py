@@ -17,7 +17,7 @@ class InitReport:
     teacher_kv_bytes_per_token: int
     student_kv_bytes_per_token: int
     student_state_bytes: int  # constant Mamba2 state per sequence
-    rope_freq_indices: list[int] | None
+    mixer_settings: dict[str, dict]  # {kind name: its settings after init} of the kinds the student uses
     layers: list[dict] = field(default_factory=list)  # {"layer", "mixer", "q_rel_err", "k_rel_err", ...}
 
     def to_json(self, path: str | Path) -> None:

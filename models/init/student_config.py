@@ -1,7 +1,8 @@
 """The student's HybridConfig from a teacher and the user's `student.*` settings, checked against the teacher.
 
 Everything that cannot fit the teacher fails here, with the key, the value and what is allowed, before
-any weight is touched.
+any weight is touched. The layer map comes as `mixer_types` (a kind name per layer) or `mla_layers` (the layers
+of the placed kind, models/mixers.py); each kind completes and checks its own settings (models/mixer_*.py).
 """
 
 from __future__ import annotations
@@ -9,8 +10,10 @@ from __future__ import annotations
 from dataclasses import asdict
 from typing import Any
 
-from ..config import HybridConfig, MambaConfig, MLAConfig, config_from_dict
-from ..teachers import TeacherSpec
+from ..config import HybridConfig
+from ..mixer_kind import InitOptions
+from ..mixers import MIXERS, check_mixer_types, mixer_map
+from ..teacher_spec import TeacherSpec
 
 
 def parse_mla_layers(value: Any, num_layers: int) -> list[int]:
@@ -32,57 +35,37 @@ def parse_mla_layers(value: Any, num_layers: int) -> list[int]:
     return sorted(layers)
 
 
-def lossless_mla(spec: TeacherSpec) -> dict:
-    """MLA that is the teacher's GQA in MLA form: RoPE over every key dim per KV head, full value rank."""
-    return dict(
-        kv_lora_rank=spec.num_kv_heads * spec.head_dim,
-        q_lora_rank=None,
-        qk_nope_head_dim=0,
-        qk_rope_head_dim=spec.head_dim,
-        v_head_dim=spec.head_dim,
-        rope_heads="per_kv_head",
-        kv_up_layout="gqa",
-        latent_norm=False,
-        rope_freq_indices=list(range(spec.head_dim // 2)),
-        lossless=True,
-    )
-
-
-def max_kv_rank(spec: TeacherSpec, mla: MLAConfig) -> int:
-    """The rank of [W_k (nope rows); W_v] can be at most min(hidden, rows)."""
-    rows = spec.num_kv_heads * (mla.qk_nope_head_dim + spec.head_dim)
-    return min(spec.hidden_size, rows)
+def student_mixer_types(num_layers: int, mla_layers: Any = None, mixer_types: Any = None) -> list[str]:
+    """The per-layer kind names from exactly one of `mixer_types` and `mla_layers` (neither: every layer placed)."""
+    if mixer_types is None:
+        return mixer_map(num_layers, parse_mla_layers("all" if mla_layers is None else mla_layers, num_layers))
+    if mla_layers is not None:
+        raise ValueError(f"mixer_types and mla_layers={mla_layers!r} both give the layer map: pass one")
+    return check_mixer_types(mixer_types, num_layers)
 
 
 def build_student_config(
     spec: TeacherSpec,
-    mla_layers: Any = "all",
-    mla: dict | None = None,
-    mamba: dict | None = None,
-    lossless: bool = False,
-    energy: float | None = None,
+    mla_layers: Any = None,
+    lossless: bool = InitOptions.lossless,
+    energy: float | None = InitOptions.energy,
+    mixer_types: list[str] | None = None,
+    **mixer_args: dict | None,
 ) -> HybridConfig:
-    """`energy` set: latent ranks are chosen per layer later (from the teacher's spectrum), so the fixed
+    """`mixer_args`: per kind name, the user's settings of that kind (`mla=dict(kv_lora_rank=64)`,
+    `mamba=dict(chunk_size=128)`), completed from the teacher; kinds the map uses are checked to fit it.
+    `energy` set: latent ranks are chosen per layer later (from the teacher's spectrum), so the fixed
     kv_lora_rank is not checked here."""
-    layers = parse_mla_layers(mla_layers, spec.num_layers)
-    mla = dict(mla or {})
-    mla.pop("lossless", None)
-    if lossless:
-        mla = {**mla, **lossless_mla(spec)}
-    mla.setdefault("qkv_bias", spec.qkv_bias)
-    mla.setdefault("o_bias", spec.o_bias)
-    mla.setdefault("qk_norm", spec.qk_norm)
-    mla_cfg = config_from_dict(MLAConfig, mla)
-    if layers:
-        check_mla_fits(spec, mla_cfg, check_rank=energy is None)
-    mamba = dict(mamba or {})
-    mamba.setdefault("headdim", spec.head_dim)  # the mapping from attention needs the teacher's head size
-    mamba.setdefault("d_state", spec.head_dim)
-    mamba.setdefault("in_proj_bias", spec.qkv_bias)
-    mamba.setdefault("out_proj_bias", spec.o_bias)
-    mamba_cfg = config_from_dict(MambaConfig, mamba)
-    if len(layers) < spec.num_layers:
-        check_mamba_fits(spec, mamba_cfg)
+    kinds = student_mixer_types(spec.num_layers, mla_layers, mixer_types)
+    unknown = sorted(set(mixer_args) - set(MIXERS))
+    if unknown:
+        raise ValueError(f"settings for unknown mixer kinds {unknown}; allowed: {list(MIXERS)}")
+    options = InitOptions(lossless=lossless, energy=energy)
+    settings = {}
+    for name, kind in MIXERS.items():
+        settings[name] = kind.student_settings(spec, dict(mixer_args.get(name) or {}), options)
+        if name in kinds:
+            kind.check_fits(spec, settings[name], options)
     return HybridConfig(
         vocab_size=spec.vocab_size,
         hidden_size=spec.hidden_size,
@@ -96,50 +79,10 @@ def build_student_config(
         rms_norm_eps=spec.rms_norm_eps,
         max_position_embeddings=spec.max_position_embeddings,
         rope_parameters=spec.rope_parameters,
-        mixer_types=["mla" if i in layers else "mamba" for i in range(spec.num_layers)],
-        mla=asdict(mla_cfg),
-        mamba=asdict(mamba_cfg),
+        mixer_types=kinds,
         tie_word_embeddings=spec.tie_word_embeddings,
         bos_token_id=spec.bos_token_id,
         eos_token_id=spec.eos_token_id,
         pad_token_id=spec.pad_token_id,
+        **{name: asdict(s) for name, s in settings.items()},
     )
-
-
-def check_mla_fits(spec: TeacherSpec, mla: MLAConfig, check_rank: bool = True) -> None:
-    mla.validate(spec.num_heads, spec.num_kv_heads, spec.head_dim)
-    hd = spec.head_dim
-    if mla.qk_nope_head_dim + mla.qk_rope_head_dim != hd:
-        raise ValueError(
-            f"student.mla.qk_nope_head_dim + qk_rope_head_dim = {mla.qk_nope_head_dim} + {mla.qk_rope_head_dim} "
-            f"must equal the teacher head_dim {hd}: SVD init splits each teacher key head into nope and RoPE parts"
-        )
-    if mla.v_head_dim != hd:
-        raise ValueError(f"student.mla.v_head_dim={mla.v_head_dim} must equal the teacher head_dim {hd}")
-    limit = max_kv_rank(spec, mla)
-    ranks = [r for r in (mla.kv_lora_ranks or []) if r] or [mla.kv_lora_rank]
-    if check_rank and max(ranks) > limit:
-        raise ValueError(
-            f"student.mla.kv_lora_rank={max(ranks)} exceeds the rank of the teacher's joint K/V map: allowed 1..{limit}"
-        )
-    q_limit = min(spec.hidden_size, spec.num_heads * hd)
-    if mla.q_lora_rank is not None and mla.q_lora_rank > q_limit:
-        raise ValueError(
-            f"student.mla.q_lora_rank={mla.q_lora_rank} exceeds the teacher's W_q rank: allowed 1..{q_limit}"
-        )
-
-
-def check_mamba_fits(spec: TeacherSpec, mamba: MambaConfig) -> None:
-    """The attention -> Mamba2 mapping needs the GQA layout with the teacher's head sizes."""
-    mamba.validate(spec.num_heads, spec.num_kv_heads)
-    expected = {"layout": "gqa", "headdim": spec.head_dim, "d_state": spec.head_dim}
-    for key, value in expected.items():
-        if getattr(mamba, key) != value:
-            raise ValueError(
-                f"student.mamba.{key}={getattr(mamba, key)!r} does not fit initialization from the teacher's "
-                f"attention: it must be {value!r} (x <- W_v, B <- W_k, C <- W_q per teacher head)"
-            )
-    if mamba.heads(spec.num_heads) != spec.num_heads:
-        raise ValueError(
-            f"student.mamba.num_heads={mamba.num_heads} must equal the teacher's num_attention_heads {spec.num_heads}"
-        )

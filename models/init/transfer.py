@@ -3,13 +3,13 @@
     student, report = convert_teacher(teacher, spec, mla_layers=[0, 5, 10, 14], mla=dict(kv_lora_rank=128, ...))
 
 Order of work: every check (config fit, ranks, layer indices) happens in build_student_config before any
-weight is read; then the RoPE pairs and (with an energy threshold) the per-layer ranks are chosen from
-the teacher's weights; then the student is built and filled, and loaded into strictly by name.
+weight is read; then each mixer kind plans from the teacher's weights of its layers (MLA: the RoPE pairs and,
+with an energy threshold, the per-layer ranks); then the student is built and each layer's kind fills its mixer
+(models/mixer_*.py), and the trunk is loaded into strictly by name.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from typing import Any
 
 import torch
@@ -18,11 +18,12 @@ from transformers import PreTrainedModel
 from ..documents import documents_from_positions
 from ..flops import student_cache_bytes, teacher_cache_bytes
 from ..hybrid import HybridForCausalLM
-from ..teachers import TeacherSpec, adapter_for
-from .mamba_from_attention import init_mamba_from_attention
-from .mla_svd import choose_rope_pairs, energy_rank, init_mla_from_attention, kv_factors, rope_split
+from ..mixer_kind import InitOptions
+from ..mixers import MIXERS
+from ..teacher_spec import TeacherSpec
+from ..teachers import adapter_for
 from .report import InitReport
-from .student_config import build_student_config, check_mla_fits
+from .student_config import build_student_config
 
 TRUNK_PREFIXES = ("model.embed_tokens.", "model.norm.", "lm_head.")
 LAYER_TRUNK = ("input_layernorm.", "post_attention_layernorm.", "mlp.")
@@ -35,41 +36,32 @@ MIXER_INITS = ("attention", "random")
 def convert_teacher(
     teacher: PreTrainedModel,
     spec: TeacherSpec,
-    mla_layers: Any = "all",
-    mla: dict | None = None,
-    mamba: dict | None = None,
-    lossless: bool = False,
-    energy: float | None = None,
-    rope_pairs: str = "energy",
-    conv_init: str = "identity",
+    mla_layers: Any = None,
+    lossless: bool = InitOptions.lossless,
+    energy: float | None = InitOptions.energy,
+    rope_pairs: str = InitOptions.rope_pairs,
+    conv_init: str = InitOptions.conv_init,
     mixer_init: str = "attention",
+    mixer_types: list[str] | None = None,
+    **mixer_args: dict | None,
 ) -> tuple[HybridForCausalLM, InitReport]:
-    """Build and initialize the student. `energy` picks per-layer latent ranks (fraction of squared singular
-    values kept, rounded up to a multiple of 8); `rope_pairs` picks which teacher frequencies stay RoPE.
-    `mixer_init="random"` leaves the mixers as the model's initializer made them (the baseline that shows what
-    initialization from attention buys); embeddings, norms and MLPs are copied either way."""
+    """Build and initialize the student. The map is `mixer_types` (a kind name per layer) or `mla_layers`
+    (default: all); `mixer_args` are per-kind settings by kind name (`mla=dict(...)`, `mamba=dict(...)`).
+    `energy` picks per-layer latent ranks (fraction of squared singular values kept, rounded up to a multiple
+    of 8); `rope_pairs` picks which teacher frequencies stay RoPE. `mixer_init="random"` leaves the mixers as
+    the model's initializer made them (the baseline that shows what initialization from attention buys);
+    embeddings, norms and MLPs are copied either way."""
     if mixer_init not in MIXER_INITS:
         raise ValueError(f"student.mixer_init={mixer_init!r} is invalid: one of {list(MIXER_INITS)}")
-    mla = dict(mla or {})
-    config = build_student_config(spec, mla_layers, mla, mamba, lossless, energy)  # checks before reading weights
+    options = InitOptions(lossless=lossless, energy=energy, rope_pairs=rope_pairs, conv_init=conv_init)
+    # Every check happens here, before any weight is read.
+    config = build_student_config(spec, mla_layers, lossless, energy, mixer_types, **mixer_args)
     weights = adapter_for(teacher).attention_weights(teacher)
-    mla_cfg = config.mla_config
-    factors: dict[int, Any] = {}
-    if config.mla_layers and not lossless:
-        chosen = choose_rope_pairs(
-            [weights[i] for i in config.mla_layers], spec.head_dim, mla_cfg.qk_rope_head_dim, rope_pairs
-        )
-        mla_cfg.rope_freq_indices = chosen
-        _, nope_dims = rope_split(spec.head_dim, chosen)
-        factors = {i: kv_factors(weights[i], nope_dims) for i in config.mla_layers}
-        if energy is not None:
-            ranks = [0] * spec.num_layers
-            for i in config.mla_layers:
-                ranks[i] = energy_rank(factors[i].s, energy)
-            mla_cfg.kv_lora_ranks = ranks
-        check_mla_fits(spec, mla_cfg)
-        config.mla = asdict(mla_cfg)
-        config.validate_hybrid()
+    planned: dict[int, Any] = {}
+    for name, kind in MIXERS.items():  # choices from the teacher's weights; may update the kind's settings
+        layers = {i: weights[i] for i, t in enumerate(config.mixer_types) if t == name}
+        if layers:
+            planned.update(kind.plan_init(config, spec, layers, options))
 
     student = HybridForCausalLM(config).to(next(teacher.parameters()).dtype).eval()
     _copy_trunk(teacher, student)
@@ -78,11 +70,9 @@ def convert_teacher(
         if mixer_init == "random":
             rows.append({"layer": i, "mixer": layer.layer_type, "init": "random"})
             continue
-        if layer.layer_type == "mla":
-            errors = init_mla_from_attention(layer.self_attn, weights[i], config.mla_config, factors.get(i))
+        errors = layer.kind.init_from_attention(layer.mixer, weights[i], config, planned.get(i), options)
+        if layer.kind.reproduces_attention:
             errors["attn_out_rel_err"] = attention_output_error(teacher, student, i)
-        else:
-            errors = init_mamba_from_attention(layer.mamba, weights[i], conv_init)
         rows.append({"layer": i, "mixer": layer.layer_type, **errors})
     if config.tie_word_embeddings:
         student.tie_weights()
@@ -95,15 +85,16 @@ def convert_teacher(
         teacher_kv_bytes_per_token=teacher_bytes.per_token,
         student_kv_bytes_per_token=student_bytes.per_token,
         student_state_bytes=student_bytes.constant,
-        rope_freq_indices=config.mla_config.rope_freq_indices if config.mla_layers else None,
+        mixer_settings={name: getattr(config, name) for name in MIXERS if name in config.mixer_types},
         layers=rows,
     )
     return student, report
 
 
 def attention_output_error(teacher: PreTrainedModel, student: HybridForCausalLM, layer: int) -> float:
-    """Relative error of the MLA layer's output against the teacher attention's on a random probe at
-    positions spread over 0..~2000, so RoPE handling (and not only the weights) is measured."""
+    """Relative error of the layer's mixer output (a kind that reproduces attention, e.g. MLA) against the teacher
+    attention's on a random probe at positions spread over 0..~2000, so RoPE handling (and not only the weights)
+    is measured."""
     generator = torch.Generator().manual_seed(layer)
     dtype = next(teacher.parameters()).dtype
     hidden = torch.randn(1, 64, teacher.config.hidden_size, generator=generator).to(dtype)
@@ -111,7 +102,8 @@ def attention_output_error(teacher: PreTrainedModel, student: HybridForCausalLM,
     expected = adapter_for(teacher).attention_forward(teacher, layer, hidden, positions)
     s_cos, s_sin = student.model.rope(positions)
     docs = documents_from_positions(torch.arange(64)[None])  # one document, causal over the probe
-    got = student.model.layers[layer].self_attn(hidden, s_cos, s_sin, docs)
+    mixing = student.model.layers[layer]
+    got = mixing.kind.call(mixing.mixer, hidden, s_cos, s_sin, docs, None)
     return ((got.double() - expected.double()).norm() / expected.double().norm()).item()
 
 

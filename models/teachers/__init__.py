@@ -5,13 +5,15 @@
     hidden = adapter.final_hidden(teacher, batch)  # packed batch: documents kept apart
     trace = adapter.capture(teacher, batch)     # per-layer inputs, attention outputs, outputs (ILD)
 
-spec.py TeacherSpec; adapter.py TeacherAdapter (the Hugging Face Llama layout); families.py Llama, Mistral,
+TeacherSpec (models/teacher_spec.py) and AttentionWeights (models/attention_weights.py) are flat files beside
+the mixers that read them; adapter.py TeacherAdapter (the Hugging Face Llama layout); families.py Llama, Mistral,
 Qwen2, Qwen3; registry.py ADAPTERS (by model_type), SUPPORTED_ARCHITECTURES, adapter_for(_config);
 attention_weights.py per-head weights; capture.py the ILD trace; loading.py load/resolve/check a teacher.
 """
 
+from ..attention_weights import AttentionWeights
+from ..teacher_spec import TeacherSpec
 from .adapter import TeacherAdapter
-from .attention_weights import AttentionWeights
 from .capture import TeacherTrace
 from .loading import (
     TeacherLoadError,
@@ -21,7 +23,6 @@ from .loading import (
     resolve_teacher_path,
 )
 from .registry import ADAPTERS, SUPPORTED_ARCHITECTURES, adapter_for, adapter_for_config, describe_teacher
-from .spec import TeacherSpec
 
 __all__ = [
     "ADAPTERS",

@@ -23,11 +23,12 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
+from ..attention_weights import AttentionWeights
 from ..documents import packed_causal_mask
 from ..rope import SUPPORTED_ROPE_TYPES
-from .attention_weights import AttentionWeights, attention_weights
+from ..teacher_spec import TeacherSpec
+from .attention_weights import attention_weights
 from .capture import TeacherTrace, capture_trace
-from .spec import TeacherSpec
 
 
 def rope_parameters(config: PretrainedConfig) -> dict:

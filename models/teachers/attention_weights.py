@@ -1,28 +1,13 @@
-"""A teacher attention layer's weights, per head, in float64 for the linear algebra of initialization.
-
-`attention_weights` reads the Hugging Face Llama layout (q/k/v/o_proj, optional biases, Qwen3's q_norm/k_norm); call it
-through `TeacherAdapter.attention_weights`, which knows where a family keeps its attention modules."""
+"""Reads a teacher attention module of the Hugging Face Llama layout (q/k/v/o_proj, optional biases, Qwen3's
+q_norm/k_norm) into AttentionWeights; call it through `TeacherAdapter.attention_weights`, which knows where a family
+keeps its attention modules."""
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-
-@dataclass
-class AttentionWeights:
-    q: torch.Tensor  # (H, hd, D)
-    k: torch.Tensor  # (Hkv, hd, D)
-    v: torch.Tensor  # (Hkv, hd, D)
-    o: torch.Tensor  # (D, H * hd)
-    q_bias: torch.Tensor | None  # (H, hd)
-    k_bias: torch.Tensor | None  # (Hkv, hd)
-    v_bias: torch.Tensor | None  # (Hkv, hd)
-    o_bias: torch.Tensor | None  # (D,)
-    q_norm: torch.Tensor | None  # (hd,) Qwen3's per-head RMSNorm weights
-    k_norm: torch.Tensor | None
+from ..attention_weights import AttentionWeights
 
 
 def _f64(t: torch.Tensor | None) -> torch.Tensor | None:

@@ -12,8 +12,8 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from ..errors import first_line
+from ..teacher_spec import TeacherSpec
 from .registry import describe_teacher
-from .spec import TeacherSpec
 
 
 class TeacherLoadError(ValueError):

@@ -6,9 +6,9 @@ from __future__ import annotations
 from torch import nn
 from transformers import PretrainedConfig
 
+from ..teacher_spec import TeacherSpec
 from .adapter import TeacherAdapter
 from .families import FAMILIES
-from .spec import TeacherSpec
 
 ADAPTERS: dict[str, TeacherAdapter] = {adapter.family: adapter for adapter in FAMILIES}
 SUPPORTED_ARCHITECTURES: dict[str, str] = {name: a.family for a in FAMILIES for name in a.architectures}

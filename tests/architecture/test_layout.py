@@ -34,12 +34,8 @@ def _imports(path: Path, module_level: bool = False) -> set[str]:
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found = set()
     tree = ast.parse(path.read_text())
-    nodes = [n for n in tree.body if not isinstance(n, ast.If)] + [
-        n
-        for branch in tree.body
-        if isinstance(branch, ast.If)
-        for n in branch.body  # `if TYPE_CHECKING:` blocks
-    ]
+    typing_only = [n for n in tree.body if isinstance(n, ast.If) and ast.unparse(n.test).endswith("TYPE_CHECKING")]
+    nodes = [n for n in tree.body if n not in typing_only]  # annotations only: never run, never a cycle
     for node in nodes if module_level else ast.walk(tree):
         if isinstance(node, ast.Import):
             found |= {alias.name for alias in node.names}

@@ -43,5 +43,5 @@ def test_round_trip_through_json(tmp_path):
     config.save_pretrained(tmp_path)
     loaded = HybridConfig.from_pretrained(tmp_path)
     assert loaded.mixer_types == config.mixer_types
-    assert loaded.mla_config == config.mla_config
-    assert loaded.mamba_config == config.mamba_config
+    assert loaded.mixer_settings("mla") == config.mixer_settings("mla")
+    assert loaded.mixer_settings("mamba") == config.mixer_settings("mamba")

@@ -85,7 +85,7 @@ def test_mla_variants_decode_consistently(mla):
 
 
 def _copy(layer_cache):
-    from models.cache import MLALayerCache
+    from models.mixer_mla import MLALayerCache
 
     return MLALayerCache(layer_cache.latent.clone(), layer_cache.rope_key.clone())
 

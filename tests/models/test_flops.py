@@ -8,7 +8,15 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from models.flops import attention_context, forward_flops, linear_flops, mixer_extra_flops, training_flops_per_token
+from models.flops import (
+    attention_context,
+    forward_flops,
+    ild_step_flops,
+    kd_step_flops,
+    linear_flops,
+    mixer_extra_flops,
+    teacher_step_flops,
+)
 
 from .tiny import tiny_model
 
@@ -59,11 +67,11 @@ def test_student_mla_flops_match_the_counted_forward():
 def test_training_flops_compose_forward_and_backward():
     teacher, student = _teacher(), tiny_model(mixers=("mla", "mamba", "mla"))
     context = 10.0
-    kd = training_flops_per_token("kd", teacher, [student], context)
+    kd = kd_step_flops(teacher, student, context)
     assert kd == 3 * forward_flops(student, context) + forward_flops(teacher, context)
-    assert training_flops_per_token("teacher_ce", teacher, [], context) == 3 * forward_flops(teacher, context)
-    ild = training_flops_per_token("ild", teacher, [student], context)
-    ild_layers = training_flops_per_token("ild", teacher, [student], context, ild_trainable="layers")
+    assert teacher_step_flops(teacher, context) == 3 * forward_flops(teacher, context)
+    ild = ild_step_flops(teacher, [student], context)
+    ild_layers = ild_step_flops(teacher, [student], context, mlp_trained=True)
     mlp = sum(linear_flops(layer.mlp) for layer in student.model.layers)
     assert ild_layers - ild == mlp  # a trained MLP adds its weight gradient: one more forward's worth
     assert ild < kd  # no lm_heads, no student trunk beyond the layers
@@ -73,5 +81,3 @@ def test_training_flops_compose_forward_and_backward():
         mixer_extra_flops(mamba, context)
         == d.nheads * (mamba.chunk_size * (d.d_state + d.headdim) + 4 * d.d_state * d.headdim) + 2 * d.conv_dim * 4
     )
-    with pytest.raises(ValueError, match="stage='dpo' is invalid"):
-        training_flops_per_token("dpo", teacher, [student], context)

@@ -35,9 +35,8 @@ def write_tiny_llama_gguf(path, quant=None, tied=True, extra=None):
     """A 2-layer GQA Llama (4 heads, 2 KV heads) written as a GGUF; returns the source model. `quant`: the ggml
     type of the matrices (None: float32, exact); `extra(writer)` adds metadata or tensors."""
     config = LlamaConfig(
-        **{**TINY_LLAMA, "vocab_size": len(TOKENS), "num_hidden_layers": 2, "max_position_embeddings": 256},
-        tie_word_embeddings=tied,
-        rms_norm_eps=1e-5,
+        **{**TINY_LLAMA, "vocab_size": len(TOKENS), "num_hidden_layers": 2, "max_position_embeddings": 256}
+        | {"tie_word_embeddings": tied, "rms_norm_eps": 1e-5},
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
     )
     torch.manual_seed(0)

@@ -178,16 +178,15 @@ def test_report_measures_attention_output_and_keeps_rope_pairs(tmp_path):
         assert 0 < row["attn_out_rel_err"] < 1.0
     # The public Zebra-Llama split (the first r dims become RoPE, rotated as r/2 fresh pairs) cuts the teacher's
     # pairs apart; emulated here by patching the split, it loses more of the attention output.
-    import models.init.mla_svd as mla_svd
-    import models.init.transfer as transfer
+    import models.mixer_mla as mixer_mla
 
-    original = mla_svd.rope_split
+    original = mixer_mla.rope_split
     naive_split = lambda hd, idx: (torch.arange(2 * len(idx)), torch.arange(2 * len(idx), hd))  # noqa: E731
-    mla_svd.rope_split = transfer.rope_split = naive_split
+    mixer_mla.rope_split = naive_split
     try:
         _, naive = convert_teacher(teacher, spec, mla=mla, rope_pairs="uniform")
     finally:
-        mla_svd.rope_split = transfer.rope_split = original
+        mixer_mla.rope_split = original
     ours = max(row["attn_out_rel_err"] for row in report.layers)
     theirs = min(row["attn_out_rel_err"] for row in naive.layers)
     print(f"attention output error: pairs kept {ours:.2e}, pairs split {theirs:.2e}")

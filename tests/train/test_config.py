@@ -231,7 +231,7 @@ def test_saved_untyped_config_validates_again():
 
 
 def test_schema_follows_the_model_configs():
-    from models.config import MambaConfig, MLAConfig
+    from models import MambaConfig, MLAConfig
 
     assert issubclass(MLASettings, MLAConfig) and issubclass(MambaSettings, MambaConfig)  # one definition
     mla = {f.name for f in fields(MLASettings)}
@@ -243,9 +243,10 @@ def test_schema_follows_the_model_configs():
 
 
 def test_student_init_kwargs_feed_the_init_code():
-    from models.config import MambaConfig, MLAConfig, config_from_dict
+    from models import MambaConfig, MLAConfig
     from models.init import build_student_config
     from models.init.transfer import convert_teacher
+    from models.mixer_kind import config_from_dict
     from train.config import teacher_spec, typed_config
 
     cfg = typed_config(compose_config(["conf=lossless"]))
@@ -257,7 +258,8 @@ def test_student_init_kwargs_feed_the_init_code():
     config_from_dict(MambaConfig, kwargs["mamba"])
     kwargs.pop("rope_pairs"), kwargs.pop("conv_init"), kwargs.pop("mixer_init")
     student = build_student_config(teacher_spec(cfg.teacher), **kwargs)
-    assert student.mla_config.kv_lora_rank == 2 * 32 and student.mla_config.qk_rope_head_dim == 32  # exact GQA
+    mla = student.mixer_settings("mla")
+    assert mla.kv_lora_rank == 2 * 32 and mla.qk_rope_head_dim == 32  # exact GQA
 
 
 STRATEGIES = sorted(p.stem for p in (CONF_DIR / "strategy").glob("*.yaml"))

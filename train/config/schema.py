@@ -20,7 +20,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 from data.config import DataConfig, SourceConfig
-from models.config import MambaConfig, MLAConfig
+from models import MambaConfig, MLAConfig
 from train.losses import ILDLossConfig, KDLossConfig
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -101,6 +101,9 @@ class StudentConfig:
     mla_layers: Any = "all"  # or "smart": the select stage chooses (needs num_mla_layers or kv_budget)
     num_mla_layers: int | None = None  # with mla_layers=smart: how many MLA layers SMART places
     kv_budget: float | None = None  # with mla_layers=smart: KV cache per token as a fraction of the teacher's
+    # The general layer map, instead of mla_layers: one mixer kind per teacher layer ([mla, mamba, ...]) or a map
+    # {layer: kind} whose other layers are Mamba2 ({0: mla, 15: mla}); kinds: models/mixers.py (MIXERS).
+    layers: Any = None
     mla: MLASettings = field(default_factory=MLASettings)
     mamba: MambaSettings = field(default_factory=MambaSettings)
     gradient_checkpointing: bool = False  # recompute each student block in backward (memory for compute)

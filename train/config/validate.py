@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import fields, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -106,28 +107,39 @@ def _names_a_key(message: str) -> bool:
 
 def student_init_kwargs(student: StudentConfig) -> dict[str, Any]:
     """Keyword arguments of `models.init.convert_teacher` from `student` (build_student_config takes the same
-    minus rope_pairs / conv_init): MLAConfig / MambaConfig dicts without the init-only keys, and with None
-    values dropped so the teacher-derived defaults (biases, qk_norm, Mamba head sizes) apply."""
-    mla = {f.name: getattr(student.mla, f.name) for f in fields(student.mla)}
-    mamba = {f.name: getattr(student.mamba, f.name) for f in fields(student.mamba)}
+    minus rope_pairs / conv_init / mixer_init): per mixer kind its settings (`student.<kind>`, the kind's config
+    dataclass) without the init-only keys and with None values dropped, so the teacher-derived defaults (biases,
+    qk_norm, Mamba head sizes) apply; the layer map from `student.layers` or `student.mla_layers`."""
+    from models.mixers import MIXERS
+
     extra = {
-        "energy": mla.pop("energy"),
-        "rope_pairs": mla.pop("rope_pairs"),
-        "lossless": mla.pop("lossless"),
-        "conv_init": mamba.pop("conv_init"),
+        "energy": student.mla.energy,
+        "rope_pairs": student.mla.rope_pairs,
+        "lossless": student.mla.lossless,
+        "conv_init": student.mamba.conv_init,
         "mixer_init": student.mixer_init,
     }
+    settings = {}
+    for kind in MIXERS:  # student.<kind name>: that kind's settings (and the init-only keys above)
+        group = getattr(student, kind)
+        values = {f.name: getattr(group, f.name) for f in fields(group) if f.name not in extra}
+        settings[kind] = {k: v for k, v in values.items() if v is not None}
+    if student.layers is not None:  # the general map; validate_config refuses it beside a non-default mla_layers
+        layers = dict(student.layers) if isinstance(student.layers, Mapping) else list(student.layers)
+        return {"mla_layers": None, "mixer_types": layers, **settings, **extra}
     layers = student.mla_layers
-    return {
-        "mla_layers": list(layers) if isinstance(layers, (list, tuple)) else layers,
-        "mla": {k: v for k, v in mla.items() if v is not None},
-        "mamba": {k: v for k, v in mamba.items() if v is not None},
-        **extra,
-    }
+    return {"mla_layers": list(layers) if isinstance(layers, (list, tuple)) else layers, **settings, **extra}
 
 
 def _check_student(cfg: TrainConfig, spec) -> None:
     s = cfg.student
+    if s.layers is not None:
+        if s.mla_layers != StudentConfig.mla_layers:
+            fail("student.layers", s.layers, f"null when student.mla_layers is set (it is {s.mla_layers!r}): one map")
+        if "select" in cfg.stages:
+            fail("student.layers", s.layers, "null when the select stage runs (SMART chooses the map)")
+        if not isinstance(s.layers, (list, tuple, Mapping)):
+            fail("student.layers", s.layers, "a list of one mixer kind per layer, or a map {layer: kind}")
     layers = s.mla_layers
     if isinstance(layers, str):
         choice("student.mla_layers", layers, ("all", "none", "smart"))
@@ -165,6 +177,13 @@ def _check_student(cfg: TrainConfig, spec) -> None:
     from models.init.student_config import build_student_config
 
     kwargs = student_init_kwargs(s)
+    if kwargs.get("mixer_types") is not None:
+        from models.mixers import check_mixer_types
+
+        try:
+            kwargs["mixer_types"] = check_mixer_types(kwargs["mixer_types"], spec.num_layers, "student.layers")
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
     for init_only in ("rope_pairs", "conv_init", "mixer_init"):
         kwargs.pop(init_only)
     if kwargs["mla_layers"] == "smart":  # the map is chosen later; every layer must fit either mixer
@@ -174,7 +193,9 @@ def _check_student(cfg: TrainConfig, spec) -> None:
         build_student_config(spec, **kwargs)
     except ValueError as e:
         msg = one_line(e)
-        if msg.startswith(("mla.", "mamba.")):  # MLAConfig / MambaConfig.validate name keys without the group
+        from models.mixers import MIXERS
+
+        if msg.startswith(tuple(f"{kind}." for kind in MIXERS)):  # a kind's validate names keys without the group
             msg = "student." + msg
         raise ConfigError(msg) from e
 

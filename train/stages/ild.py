@@ -15,7 +15,8 @@ from transformers import PreTrainedModel
 from data.datamodule import DistillDataModule
 from models import HybridForCausalLM
 from models.documents import documents_from_positions
-from models.flops import training_flops_per_token
+from models.flops import ild_step_flops
+from models.mixers import candidate_kinds
 from models.teachers import TeacherTrace, adapter_for
 from train.losses import ILDLossConfig, ild_layer_loss
 from train.runtime.deepspeed_strategy import is_zero3
@@ -24,7 +25,7 @@ from train.runtime.ranks import is_rank_zero
 
 from .context import Context, load_student, write_json
 from .eval import eval_placement, placed
-from .init import CANDIDATES, wants_candidates
+from .init import wants_candidates
 from .module import DistillModule
 
 
@@ -37,7 +38,8 @@ class ILDModule(DistillModule):
         loss: ILDLossConfig | None = None,
         trainable: str = "mixers",
     ):
-        """`students`: {"assigned": student} for a fixed layer map, or one all-<kind> candidate per mixer kind."""
+        """`students`: {"assigned": student} for a fixed layer map, or {kind name: all-that-kind student} for every
+        candidate kind (models.mixers.candidate_kinds)."""
         super().__init__(teacher, optim)
         self.students = nn.ModuleDict(students)
         self.loss_cfg = loss or ILDLossConfig()
@@ -49,7 +51,7 @@ class ILDModule(DistillModule):
 
     def flops_per_token(self, context: float) -> int:
         students = list(self.students.values())
-        return training_flops_per_token("ild", self.teacher, students, context, self.trainable)
+        return ild_step_flops(self.teacher, students, context, mlp_trained=self.trainable == "layers")
 
     def layer_losses(self, batch: dict[str, torch.Tensor]) -> dict[tuple[str, int], torch.Tensor]:
         """{(candidate, layer): loss} for one batch."""
@@ -122,7 +124,7 @@ def run(ctx: Context) -> dict:
     init = ctx.stage_dir("init")
     candidates = init / "candidates"
     if wants_candidates(ctx.cfg) and candidates.exists():
-        sources = {kind: candidates / kind for kind in CANDIDATES}
+        sources = {kind: candidates / kind for kind in candidate_kinds()}
     else:
         sources = {"assigned": init / "student"}
     students = {name: load_student(path) for name, path in sources.items()}

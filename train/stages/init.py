@@ -4,11 +4,10 @@ copied). When the select stage will choose the layer map, one candidate per mixe
 from __future__ import annotations
 
 from models.init import convert_teacher
+from models.mixers import candidate_kinds
 from train.config import TrainConfig, student_init_kwargs
 
 from .context import Context
-
-CANDIDATES = {"mla": "all", "mamba": "none"}  # candidate kind -> the student.mla_layers that builds it
 
 
 def wants_candidates(cfg: TrainConfig) -> bool:
@@ -21,8 +20,9 @@ def run(ctx: Context) -> dict:
     kwargs = student_init_kwargs(ctx.cfg.student)
     folder = ctx.stage_dir("init")
     if wants_candidates(ctx.cfg):
-        for kind, layers in CANDIDATES.items():
-            candidate, report = convert_teacher(ctx.teacher, ctx.spec, **{**kwargs, "mla_layers": layers})
+        for kind in candidate_kinds():  # one all-<kind> student per candidate kind, aligned by ILD, scored by select
+            every_layer = {"mla_layers": None, "mixer_types": [kind] * ctx.spec.num_layers}
+            candidate, report = convert_teacher(ctx.teacher, ctx.spec, **{**kwargs, **every_layer})
             report.to_json(folder / f"init_report_{kind}.json")
             ctx.save_student(candidate, folder / "candidates" / kind)
     if kwargs["mla_layers"] == "smart":  # the map comes from the select stage

@@ -8,7 +8,7 @@ from transformers import PreTrainedModel
 
 from data.batch import shift_labels
 from models import HybridForCausalLM
-from models.flops import training_flops_per_token
+from models.flops import kd_step_flops
 from models.teachers import adapter_for
 from train.losses import KDLossConfig, kd_loss
 from train.runtime.ranks import is_rank_zero
@@ -47,7 +47,7 @@ class KDModule(DistillModule):
         return self.loss_from_hidden(self.student_hidden(batch), self.teacher_hidden(batch), batch)
 
     def flops_per_token(self, context: float) -> int:
-        return training_flops_per_token("kd", self.teacher, [self.student], context)
+        return kd_step_flops(self.teacher, self.student, context)
 
     def training_step(self, batch, batch_idx):
         out = self._loss(batch)

@@ -1,4 +1,9 @@
-"""TeacherSpec: the shapes and quirks of a teacher that the student copies, read from its config alone."""
+"""TeacherSpec: the shapes and quirks of a teacher that the student copies, read from its config alone (made by
+the teacher's adapter, models/teachers/).
+
+Its own file, importing nothing of ours, so that mixer files can name it without the exported student
+(which carries models/*.py it imports) carrying the teacher-loading code.
+"""
 
 from __future__ import annotations
 
