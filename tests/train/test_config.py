@@ -162,6 +162,16 @@ def test_hub_teachers_are_not_fetched(monkeypatch):
         (["student.mamba.d_state=16"], ["student.mamba.d_state=16", "32"]),
         (["student.mla_layers=some"], ["student.mla_layers='some'", "all"]),
         (["student.mla.rope_pairs=random"], ["student.mla.rope_pairs='random'", "energy"]),
+        # student.layers, the general map (the tiny preset's own map is student.mla_layers=[0, 2])
+        (["student.layers=[mla,mamba,mamba,mla]"], ["student.layers=", "student.mla_layers=all"]),
+        (["student.mla_layers=all", "student.layers=[mla,mamba,gdn,mla]"], ["student.layers contains ['gdn']", "mla"]),
+        (["student.mla_layers=all", "student.layers=[mla,mamba]"], ["student.layers has 2 entries", "4"]),
+        (["student.mla_layers=all", "student.layers={0:mla,7:mla}"], ["student.layers names layers [7]", "0..3"]),
+        (["student.mla_layers=all", "student.layers=mla"], ["student.layers='mla'", "a map {layer: kind}"]),
+        (
+            ["student.mla_layers=all", "student.layers=[mla,mamba,mamba,mla]", "stages=[init,ild,select,kd]"],
+            ["student.layers=", "select stage"],
+        ),
         # stages
         (["stages=[init,distill]"], ["'distill'", "init, ild, select, kd, dpo, eval, export"]),
         (["stages=[init,kd,ild]"], ["'ild' after 'kd'", "init, ild, select, kd, dpo, eval, export"]),
@@ -240,6 +250,23 @@ def test_schema_follows_the_model_configs():
     assert {f.name for f in fields(MLAConfig)} <= mla
     assert mamba - {f.name for f in fields(MambaConfig)} == {"conv_init"}
     assert {f.name for f in fields(MambaConfig)} <= mamba
+
+
+@pytest.mark.parametrize(
+    "layers,expected",
+    [("[mla,mamba,mamba,mla]", ["mla", "mamba", "mamba", "mla"]), ("{1:mla,3:mla}", ["mamba", "mla", "mamba", "mla"])],
+)
+def test_student_layers_is_the_map_the_student_is_built_with(layers, expected):
+    """`student.layers` as a list (one kind per layer) or a map {layer: kind} (others Mamba2) reaches the init code."""
+    from models.init import build_student_config
+    from train.config import teacher_spec
+
+    cfg = validate_config(compose_config(["student.mla_layers=all", f"student.layers={layers}"]))
+    kwargs = student_init_kwargs(cfg.student)
+    assert kwargs["mla_layers"] is None
+    for init_only in ("rope_pairs", "conv_init", "mixer_init"):
+        kwargs.pop(init_only)
+    assert build_student_config(teacher_spec(cfg.teacher), **kwargs).mixer_types == expected
 
 
 def test_student_init_kwargs_feed_the_init_code():

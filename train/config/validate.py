@@ -135,9 +135,12 @@ def _check_student(cfg: TrainConfig, spec) -> None:
     s = cfg.student
     if s.layers is not None:
         if s.mla_layers != StudentConfig.mla_layers:
-            fail("student.layers", s.layers, f"null when student.mla_layers is set (it is {s.mla_layers!r}): one map")
-        if "select" in cfg.stages:
-            fail("student.layers", s.layers, "null when the select stage runs (SMART chooses the map)")
+            fail(
+                "student.layers",
+                s.layers,
+                f"null while student.mla_layers={s.mla_layers!r} gives the map; to give it here, set "
+                f"student.mla_layers={StudentConfig.mla_layers}",
+            )
         if not isinstance(s.layers, (list, tuple, Mapping)):
             fail("student.layers", s.layers, "a list of one mixer kind per layer, or a map {layer: kind}")
     layers = s.mla_layers
@@ -224,6 +227,8 @@ def _check_training(cfg: TrainConfig) -> None:
     if cfg.student.mla_layers == "smart" and "select" not in stages:
         fail("student.mla_layers", "smart", "a list, 'all' or 'none' unless the select stage runs")
     if "select" in stages:
+        if cfg.student.layers is not None:
+            fail("student.layers", cfg.student.layers, "null when the select stage runs (SMART chooses the map)")
         if "ild" not in stages:
             raise ConfigError(f"stages={list(stages)}: 'select' needs 'ild' before it (SMART scores are ILD losses)")
         if ild.candidates == "assigned":
