@@ -18,6 +18,7 @@ from transformers import (
 )
 
 from data.batch import collate_rows
+from models.sizes import TINY_LLAMA
 from models.teachers import (
     ADAPTERS,
     SUPPORTED_ARCHITECTURES,
@@ -30,17 +31,14 @@ from models.teachers import (
 
 from .tiny import rel_err
 
-COMMON = dict(
-    vocab_size=101,
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
-    max_position_embeddings=256,
-    tie_word_embeddings=False,
-)
+COMMON = {
+    **TINY_LLAMA,
+    "vocab_size": 101,
+    "intermediate_size": 96,
+    "num_hidden_layers": 2,
+    "max_position_embeddings": 256,
+    "tie_word_embeddings": False,
+}
 FAMILIES = {
     "llama": lambda: LlamaConfig(**COMMON, attention_bias=True),  # biases on q/k/v and o
     "mistral": lambda: MistralConfig(**COMMON, sliding_window=None),
