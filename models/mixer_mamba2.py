@@ -50,6 +50,9 @@ if TYPE_CHECKING:
 NAME = "mamba"  # HybridConfig.mixer_types entry and settings key (config.json "mamba", student.mamba); never renamed
 
 
+LAYOUTS = ("gqa", "standard")  # mamba.layout: Zebra-Llama's (x, B per teacher KV head) or mamba-ssm's
+
+
 @dataclass
 class MambaConfig:
     """Mamba2 mixer. `layout="gqa"` is Zebra-Llama's: x and B per teacher KV head (repeated over the
@@ -90,8 +93,8 @@ class MambaConfig:
         for key in ("d_state", "headdim", "d_conv", "chunk_size"):
             if getattr(self, key) < 1:
                 raise bad(key, getattr(self, key), "must be >= 1")
-        if self.layout not in ("gqa", "standard"):
-            raise bad("layout", self.layout, "one of 'gqa', 'standard'")
+        if self.layout not in LAYOUTS:
+            raise bad("layout", self.layout, "one of " + ", ".join(map(repr, LAYOUTS)))
         groups = num_kv_heads if self.layout == "gqa" else self.ngroups
         if nheads % groups:
             raise bad(

@@ -49,6 +49,11 @@ if TYPE_CHECKING:
 NAME = "mla"  # HybridConfig.mixer_types entry and settings key (config.json "mla", student.mla); never renamed
 
 
+ROPE_HEADS = ("shared", "per_kv_head")  # mla.rope_heads: one RoPE key head (DeepSeek) or one per teacher KV head
+KV_UP_LAYOUTS = ("gqa", "per_head")  # mla.kv_up_layout: an up-projection per teacher KV head, or per query head
+ROPE_PAIRS = ("energy", "uniform")  # student.mla.rope_pairs: which teacher frequencies stay RoPE
+
+
 @dataclass
 class MLAConfig:
     """Multi-head latent attention (DeepSeek-V2 style, X-EcoMLA initializable).
@@ -93,10 +98,10 @@ class MLAConfig:
             raise bad("qk_rope_head_dim", self.qk_rope_head_dim, f"must be <= the teacher head_dim {head_dim}")
         if self.qk_nope_head_dim < 0 or self.v_head_dim < 1:
             raise bad("qk_nope_head_dim/v_head_dim", (self.qk_nope_head_dim, self.v_head_dim), "must be >= 0 / >= 1")
-        if self.rope_heads not in ("shared", "per_kv_head"):
-            raise bad("rope_heads", self.rope_heads, "one of 'shared', 'per_kv_head'")
-        if self.kv_up_layout not in ("gqa", "per_head"):
-            raise bad("kv_up_layout", self.kv_up_layout, "one of 'gqa', 'per_head'")
+        if self.rope_heads not in ROPE_HEADS:
+            raise bad("rope_heads", self.rope_heads, "one of " + ", ".join(map(repr, ROPE_HEADS)))
+        if self.kv_up_layout not in KV_UP_LAYOUTS:
+            raise bad("kv_up_layout", self.kv_up_layout, "one of " + ", ".join(map(repr, KV_UP_LAYOUTS)))
         if num_heads % num_kv_heads:
             raise bad("num_kv_heads", num_kv_heads, f"must divide num_attention_heads={num_heads}")
         if self.rope_freq_indices is not None:
@@ -355,7 +360,7 @@ def choose_rope_pairs(weights: list[AttentionWeights], head_dim: int, rope_dim: 
     if rule == "energy":
         top = torch.topk(rope_pair_energy(weights, head_dim), rope_dim // 2).indices
         return sorted(top.tolist())
-    raise ValueError(f"student.mla.rope_pairs={rule!r} is invalid: one of 'uniform', 'energy'")
+    raise ValueError(f"student.mla.rope_pairs={rule!r} is invalid: one of {', '.join(map(repr, ROPE_PAIRS))}")
 
 
 def kv_factors(w: AttentionWeights, nope_dims: torch.Tensor) -> KVFactors:

@@ -160,16 +160,18 @@ def _check_student(cfg: TrainConfig, spec) -> None:
         fail("student.mla_layers", layers, "a list of layer indices, 'all' or 'none'")
     elif any(i < 0 for i in layers) or len(set(layers)) != len(layers):
         fail("student.mla_layers", list(layers), "distinct layer indices >= 0")
-    choice("student.mla.rope_pairs", s.mla.rope_pairs, ("energy", "uniform"))
-    choice("student.mla.rope_heads", s.mla.rope_heads, ("shared", "per_kv_head"))
-    choice("student.mla.kv_up_layout", s.mla.kv_up_layout, ("gqa", "per_head"))
+    from models import mixer_mamba2, mixer_mla
+
+    choice("student.mla.rope_pairs", s.mla.rope_pairs, mixer_mla.ROPE_PAIRS)
+    choice("student.mla.rope_heads", s.mla.rope_heads, mixer_mla.ROPE_HEADS)
+    choice("student.mla.kv_up_layout", s.mla.kv_up_layout, mixer_mla.KV_UP_LAYOUTS)
     if s.mla.energy is not None:
         between("student.mla.energy", s.mla.energy, 0.0, 1.0, open_low=True)
-    choice("student.mamba.conv_init", s.mamba.conv_init, ("identity", "random"))
+    choice("student.mamba.conv_init", s.mamba.conv_init, mixer_mamba2.CONV_INITS)
     from models.init.transfer import MIXER_INITS
 
     choice("student.mixer_init", s.mixer_init, MIXER_INITS)
-    choice("student.mamba.layout", s.mamba.layout, ("gqa", "standard"))
+    choice("student.mamba.layout", s.mamba.layout, mixer_mamba2.LAYOUTS)
     for key in ("d_conv", "chunk_size", "ngroups", "norm_groups"):
         at_least(f"student.mamba.{key}", getattr(s.mamba, key), 1)
     for key in ("dt_limit", "A_init_range"):
