@@ -9,6 +9,7 @@ themselves live in train/stages/ (one file each, listed in its registry).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -24,6 +25,7 @@ from models.gguf import find_gguf, gguf_cache_dir
 from models.teachers import load_teacher, resolve_teacher_path
 from train.config import TINY_TEACHER, TrainConfig, typed_config
 from train.runtime.ranks import is_rank_zero, wait_for_file
+from train.runtime.run_lock import RunLock
 from train.runtime.tiny_teacher import ensure_tiny_teacher, tiny_teacher_dir
 from train.runtime.tracking import Tracker
 from train.stages import stage
@@ -42,9 +44,15 @@ def run(cfg: Any, callbacks: dict[str, list] | None = None) -> dict:
         raise ValueError("kd.teacher_name_or_path (a separate, larger KD teacher) is not supported yet: set it to null")
     out = Path(cfg.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    # One run per output_dir (train/runtime/run_lock.py): rank 0 holds the lock; the run's other ranks share it.
+    with RunLock(out) if is_rank_zero() else contextlib.nullcontext():
+        return _run(cfg, out, callbacks or {})
+
+
+def _run(cfg: TrainConfig, out: Path, callbacks: dict[str, list]) -> dict:
     L.seed_everything(cfg.seed, workers=True)
     set_compile(cfg.student.compile)  # CUDA training steps only (models/compile.py)
-    ctx = _load(cfg, out, callbacks or {})
+    ctx = _load(cfg, out, callbacks)
     report_path = out / "report.json"
     report = ctx.report
     # One W&B run for all stages (resumed by a rerun), finished when the block ends; a no-op for other loggers.

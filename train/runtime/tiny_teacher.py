@@ -91,7 +91,14 @@ def ensure_tiny_teacher(settings: dict, data_cfg: DataConfig, seed: int) -> Path
     model.eval().save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp.rename(path)  # atomic: a half-written teacher is never reused
+    try:
+        tmp.rename(path)  # atomic: a half-written teacher is never reused
+    except OSError:
+        if not (path / "config.json").exists():
+            raise
+        # Another run sharing this cache published the same teacher first (same settings, same seed): use it.
+        shutil.rmtree(tmp, ignore_errors=True)
+        log.info("another run saved the tiny teacher at %s first; using it", path)
     return path
 
 
