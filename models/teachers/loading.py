@@ -126,5 +126,19 @@ def load_teacher(
         raise TeacherLoadError(
             f"teacher.name_or_path={name_or_path!r}: cannot load the weights ({type(e).__name__}: {first_line(e)})"
         ) from e
+    check_finite_weights(model, name_or_path)
     model.to(device).eval().requires_grad_(False)
     return model, spec
+
+
+@torch.no_grad()
+def check_finite_weights(model: torch.nn.Module, name_or_path: str) -> None:
+    """Damaged weights (NaN / inf bytes inside an intact file) load without an error and would train a NaN student
+    that reports 'top-1 agree 1.000'; one pass over the tensors (cheap next to reading them) names them instead."""
+    bad = [name for name, t in model.state_dict().items() if t.is_floating_point() and not bool(t.isfinite().all())]
+    if bad:
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        raise TeacherLoadError(
+            f"teacher.name_or_path={name_or_path!r}: non-finite values (NaN or inf) in {', '.join(bad[:3])}{more}: "
+            "the weight files are damaged; download or convert them again"
+        )

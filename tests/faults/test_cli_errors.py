@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import GPT2Config, LlamaConfig, LlamaForCausalLM
 
 from .conftest import cli
@@ -84,7 +85,7 @@ def teachers(tmp_path_factory) -> dict[str, Path]:
         num_key_value_heads=1,
         architectures=["LlamaForCausalLM"],
     )
-    dirs = {name: root / name for name in ("not_a_model", "gpt2", "damaged", "short_context")}
+    dirs = {name: root / name for name in ("not_a_model", "gpt2", "damaged", "short_context", "nan")}
     dirs["not_a_model"].mkdir()
     (dirs["not_a_model"] / "README.md").write_text("my notes")
     GPT2Config(n_layer=2, n_embd=64, n_head=2, architectures=["GPT2LMHeadModel"]).save_pretrained(dirs["gpt2"])
@@ -93,6 +94,11 @@ def teachers(tmp_path_factory) -> dict[str, Path]:
     weights = dirs["damaged"] / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # a copy that stopped halfway
     LlamaConfig(**shape, max_position_embeddings=64).save_pretrained(dirs["short_context"])
+    # NaN bytes inside the data of an intact file (a bad disk, a broken conversion): it loads without an error.
+    LlamaForCausalLM(LlamaConfig(**shape)).save_pretrained(dirs["nan"])
+    state = load_file(dirs["nan"] / "model.safetensors")
+    state["model.layers.1.mlp.up_proj.weight"][3, 5] = float("nan")
+    save_file(state, dirs["nan"] / "model.safetensors", metadata={"format": "pt"})
     return dirs
 
 
@@ -107,12 +113,37 @@ def test_teacher_mistakes_end_in_one_line(tmp_path, teachers):
             ["GPT2LMHeadModel", "not supported", "LlamaForCausalLM", "Qwen2ForCausalLM"],
         ),
         "damaged safetensors": ([f"teacher.name_or_path={teachers['damaged']}"], ["model.safetensors", "damaged"]),
+        "non-finite weights": (
+            [f"teacher.name_or_path={teachers['nan']}", "student.mla_layers=[0]"],
+            ["non-finite values", "model.layers.1.mlp.up_proj.weight", "damaged"],
+        ),
         "sequence longer than the teacher's positions": (
             [f"teacher.name_or_path={teachers['short_context']}", "data.seq_len=128"],
             ["data.seq_len=128", "max_position_embeddings 64"],
         ),
     }
     _check(_run_all(cases, tmp_path), cases)
+
+
+def test_non_finite_teacher_weights_are_named_when_loading(teachers):
+    from models.teachers import TeacherLoadError, load_teacher
+
+    with pytest.raises(TeacherLoadError, match=r"non-finite values \(NaN or inf\) in model.layers.1.mlp.up_proj"):
+        load_teacher(str(teachers["nan"]))
+
+
+def test_a_report_with_nan_is_still_json(tmp_path):
+    """A NaN loss in the report becomes null: bare NaN is not JSON (strict readers refuse the whole file)."""
+    import json
+
+    from train.stages.context import write_json
+
+    report = {"eval": {"student": {"loss": float("nan"), "ok": 1.5, "inf": [float("inf")]}}}
+    write_json(tmp_path / "report.json", report)
+    text = (tmp_path / "report.json").read_text()
+    assert json.loads(text, parse_constant=lambda name: pytest.fail(f"bare {name}")) == {
+        "eval": {"student": {"loss": None, "ok": 1.5, "inf": [None]}}
+    }
 
 
 def test_damaged_teacher_weights_fail_clearly_when_loading(teachers):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 from dataclasses import asdict, dataclass, field
@@ -115,10 +116,21 @@ def initialized_student_dir(out: Path) -> Path:
 
 
 def write_json(path: Path, payload: Any) -> None:
-    """Atomic JSON write (tmp + rename)."""
+    """Atomic JSON write (tmp + rename). NaN / inf become null: bare NaN is not JSON, and other tools reading the
+    report (jq, a browser, json.loads with strict parsers) would refuse the whole file."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=str))
+    tmp.write_text(json.dumps(_finite(payload), indent=2, default=str, allow_nan=False))
     os.replace(tmp, path)
+
+
+def _finite(node: Any) -> Any:
+    if isinstance(node, float) and not math.isfinite(node):
+        return None
+    if isinstance(node, dict):
+        return {key: _finite(value) for key, value in node.items()}
+    if isinstance(node, (list, tuple)):
+        return [_finite(value) for value in node]
+    return node
 
 
 def load_student(path: Path, dtype: torch.dtype | None = None) -> HybridForCausalLM:
