@@ -15,7 +15,7 @@ from data.corpus import tiny_corpus_path, tiny_tokenizer_path
 from data.mixture import PHASES, mix, split_documents
 from data.mixture import VERSION as MIX_VERSION
 from data.packing import pack_documents
-from data.sources import load_source
+from data.sources import check_missing_rows, load_source
 from data.tokenize import fingerprint, tokenize_source
 
 log = logging.getLogger(__name__)
@@ -63,7 +63,16 @@ def build_phases(
     """Packed rows for each phase ("ild", "kd", "eval"); a phase with no documents has no rows."""
     cfg.validate()
     sources = resolve_sources(cfg)
-    tokenized = [tokenize_source(load_source(s, cfg.cache_dir), tokenizer, cfg) for s in sources]
+    loaded = [load_source(s, cfg.cache_dir) for s in sources]
+    for src in loaded:  # rows without content: counted, stopped above data.max_bad_fraction, never silent
+        if missing := check_missing_rows(src, cfg.max_bad_fraction):
+            log.warning(
+                "source %s: %d of %d rows have no content (missing or null); dropped",
+                src.name,
+                missing,
+                len(src.dataset),
+            )
+    tokenized = [tokenize_source(src, tokenizer, cfg) for src in loaded]
     lengths = [np.asarray(t.with_format("numpy")["num_tokens"], np.int64) for t in tokenized]
     splits = [split_documents(len(t), cfg, i) for i, t in enumerate(tokenized)]
     docs_all = tokenized[0] if len(tokenized) == 1 else datasets.concatenate_datasets(tokenized)

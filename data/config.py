@@ -85,6 +85,9 @@ class DataConfig:
     pack_window: int = 8192  # documents bin-packed together (best fit decreasing) per window
     cache_dir: str | None = None  # datasets cache (Hub downloads, tokenized and packed arrow); None: HF default
     num_proc: int | None = None  # tokenization processes; None: up to the CPU count for large sources
+    # Rows whose content column is missing or null, as a share of a source's rows, above which the run stops
+    # (naming the source, the count and the first such row); below it they are dropped and counted in the log.
+    max_bad_fraction: float = 0.0
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> DataConfig:
@@ -121,6 +124,8 @@ class DataConfig:
                 _fail(key, value, "None or an integer >= 1")
         if not 0.0 <= self.ild_fraction <= 1.0:
             _fail("ild_fraction", self.ild_fraction, "a number in [0, 1]")
+        if not 0.0 <= self.max_bad_fraction <= 1.0:
+            _fail("max_bad_fraction", self.max_bad_fraction, "a number in [0, 1]")
         if not 0.0 <= self.eval_fraction < 1.0:
             _fail("eval_fraction", self.eval_fraction, "a number in [0, 1)")
         if self.min_doc_tokens > self.seq_len:

@@ -214,3 +214,31 @@ def load_source(src: SourceConfig, cache_dir: str | None = None) -> LoadedSource
     if src.max_samples is not None and src.max_samples < len(ds):
         ds = ds.select(range(src.max_samples))
     return LoadedSource(name=name, kind=kind, dataset=ds, files=tuple(files))
+
+
+def missing_rows(ds: datasets.Dataset) -> tuple[int, int | None]:
+    """(rows whose only column, the content, is null, index of the first one): rows that lack the key in a JSON
+    file, or hold null there. One pass over the Arrow column, batch by batch (the dataset is not materialized)."""
+    count, first, offset = 0, None, 0
+    for batch in ds.with_format("arrow").iter(batch_size=65536):
+        column = batch.column(0)
+        nulls = column.null_count
+        if nulls and first is None:
+            first = offset + next(i for i, valid in enumerate(column.is_valid().to_pylist()) if not valid)
+        count += nulls
+        offset += len(column)
+    return count, first
+
+
+def check_missing_rows(src: LoadedSource, max_fraction: float) -> int:
+    """Stop (DataSourceError) when more than `max_fraction` of the source's rows have no content; return how many
+    were found, which the caller logs: they are dropped, never trained on as empty text."""
+    count, first = missing_rows(src.dataset)
+    column = "text" if src.kind == "text" else "messages"
+    if count and count > max_fraction * len(src.dataset):
+        raise DataSourceError(
+            f"source {src.name}: {count} of {len(src.dataset)} rows ({100 * count / len(src.dataset):.1f} %) have no "
+            f"{column!r} (the key is missing or null; first at row {first}); data.max_bad_fraction={max_fraction} "
+            "allows fewer: fix the file, name the right column (text_column / messages_column), or raise it"
+        )
+    return count

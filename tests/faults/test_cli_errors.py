@@ -162,6 +162,14 @@ def data_files(tmp_path_factory) -> dict[str, Path]:
         "empty file": ("empty.jsonl", b""),
         "nothing left after filtering": ("blank.jsonl", b'{"text": ""}\n{"text": "   "}\n{"text": "\\n"}\n'),
         "undecodable bytes": ("notes.txt", b"a good line\nthen \xff\xfe garbage\n"),
+        # half the rows use another key: before, they were dropped as blank without a word
+        "rows without the content key": (
+            "mixed.jsonl",
+            b"".join(
+                (b'{"text": "row %d of real text"}\n' if i % 2 == 0 else b'{"body": "row %d under another key"}\n') % i
+                for i in range(40)
+            ),
+        ),
     }
     out = {}
     for name, (file, content) in files.items():
@@ -187,6 +195,10 @@ def test_data_mistakes_end_in_one_line(tmp_path, data_files, teacher_cache):
             ["blank.jsonl", "no documents left after filtering", "3 rows"],
         ),
         "undecodable bytes": ([source(data_files["undecodable bytes"])], ["notes.txt", "line 2", "not valid UTF-8"]),
+        "rows without the content key": (
+            [source(data_files["rows without the content key"])],
+            ["mixed.jsonl", "20 of 40 rows", "first at row 1", "data.max_bad_fraction=0.0"],
+        ),
     }
     cases = {name: (overrides + teacher, expected) for name, (overrides, expected) in cases.items()}
     _check(_run_all(cases, tmp_path), cases)
