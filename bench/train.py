@@ -110,7 +110,7 @@ def build_student(preset: str, device: torch.device) -> HybridForCausalLM:
     config = build_student_config(spec, **student_settings(preset))
     with torch.device(device):
         student = HybridForCausalLM(config)
-    if preset != "smoke" and preset_student(preset).get("gradient_checkpointing", False):
+    if preset != "smoke" and preset_student(preset).gradient_checkpointing:
         student.gradient_checkpointing_enable()
     return student
 
@@ -438,7 +438,7 @@ def main() -> None:
         args.doc_len,
     )
     if args.compile is None:
-        args.compile = args.preset != "smoke" and bool(preset_student(args.preset).get("compile", False))
+        args.compile = args.preset != "smoke" and preset_student(args.preset).compile
     set_compile(args.compile)
     if args.light_autotune:
         print(f"light autotuning: {limit_autotune_configs(keep=2)} mamba-ssm configs left out", flush=True)

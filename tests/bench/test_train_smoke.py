@@ -61,3 +61,17 @@ def test_unknown_strategy_is_refused_before_models_are_built(tmp_path):
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode != 0 and "deepspeed_zero4" in result.stderr
     assert "building" not in result.stdout
+
+
+def test_every_preset_student_builds_from_its_typed_settings():
+    """The non-smoke presets take the preset path the smoke runs skip (typed student settings, checkpointing);
+    built on the meta device, so a 3B shape costs nothing."""
+    import torch
+
+    from bench import train as bench_train
+
+    for preset in bench_train.PRESET_TEACHER:
+        student = bench_train.build_student(preset, torch.device("meta"))
+        settings = bench_train.preset_student(preset)
+        assert student.is_gradient_checkpointing == settings.gradient_checkpointing, preset
+        assert sum(p.numel() for p in student.parameters()) > 5e8, preset
