@@ -25,12 +25,17 @@ class Documents:
     single_document: bool
 
 
+def document_index(position_ids: torch.Tensor) -> torch.Tensor:
+    """(B, T) int32 document number of every token within its row (Mamba2's `seq_idx`): no host sync."""
+    return torch.cumsum((position_ids == 0).to(torch.int32), dim=1, dtype=torch.int32)
+
+
 def documents_from_positions(
     position_ids: torch.Tensor, past_len: int = 0, cached_doc_start: torch.Tensor | None = None
 ) -> Documents:
     batch, length = position_ids.shape
     is_start = position_ids == 0
-    seq_idx = torch.cumsum(is_start.to(torch.int32), dim=1, dtype=torch.int32)
+    seq_idx = document_index(position_ids)
     index = torch.arange(past_len, past_len + length, device=position_ids.device).expand(batch, length)
     starts = torch.where(is_start, index, torch.full_like(index, -1))
     doc_start = torch.cummax(starts, dim=1).values
@@ -58,7 +63,7 @@ def packed_causal_mask(position_ids: torch.Tensor, dtype: torch.dtype = torch.bo
     """
     if (position_ids[:, 0] != 0).any():
         raise ValueError("position_ids must start every row with 0 (a row starts a document)")
-    doc = documents_from_positions(position_ids).seq_idx  # (B, T)
+    doc = document_index(position_ids)  # (B, T); not documents_from_positions: its single-document test syncs
     t = position_ids.shape[1]
     causal = torch.ones(t, t, dtype=torch.bool, device=position_ids.device).tril()
     keep = ((doc[:, :, None] == doc[:, None, :]) & causal)[:, None]  # (B, 1, T, T)
