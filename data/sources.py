@@ -10,6 +10,8 @@ import bz2
 import codecs
 import glob
 import gzip
+import io
+import json
 import lzma
 import os
 from dataclasses import dataclass
@@ -98,6 +100,49 @@ def find_bad_utf8(path: str) -> str | None:
     return None
 
 
+def find_bad_json(path: str) -> str | None:
+    """The first line a JSON Lines file's parser rejects (line number and the parser's reason); for a .json file
+    that is one document, where that document breaks. None if it parses."""
+    opener = COMPRESSIONS.get(os.path.splitext(path)[1], open)
+    with opener(path, "rt", encoding="utf-8") as f:
+        if os.path.splitext(_strip_compression(path))[1] == ".json":
+            text = f.read()
+            try:
+                json.loads(text)
+                return None
+            except json.JSONDecodeError as whole:
+                try:
+                    json.loads(text.lstrip().split("\n", 1)[0])  # a whole first line: JSON Lines named .json
+                except json.JSONDecodeError:
+                    return _json_error(whole.lineno, whole)
+            f = io.StringIO(text)
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                json.loads(line)
+            except json.JSONDecodeError as e:
+                return _json_error(number, e)
+    return None
+
+
+def _json_error(line: int, error: json.JSONDecodeError) -> str:
+    return f"line {line} is not valid JSON ({error.msg.removesuffix(' at')} at column {error.colno})"
+
+
+def diagnose_file(path: str) -> str | None:
+    """Why a local text or JSON file cannot be read, if it is one of: a damaged or truncated compressed stream,
+    bytes that are not UTF-8, a line that is not JSON. None if none of those."""
+    try:
+        if (why := find_bad_utf8(path)) is not None:
+            return why
+        if EXTENSIONS.get(os.path.splitext(_strip_compression(path))[1]) == "json":
+            return find_bad_json(path)
+    except (EOFError, OSError, lzma.LZMAError, ValueError) as e:  # gzip / bz2 / xz: truncated or corrupt
+        return f"the compressed data is damaged or truncated ({type(e).__name__}: {e})"
+    return None
+
+
 def locate_bad_utf8(src: LoadedSource) -> str:
     """Where undecodable text sits in a loaded source: file and line for text files, else the row."""
     for f in src.files:
@@ -130,9 +175,9 @@ def _load_local(src: SourceConfig, files: list[str], name: str, cache_dir: str |
     try:
         return datasets.load_dataset(fmt, data_files={"train": files}, split=src.split, cache_dir=cache_dir, **kwargs)
     except Exception as e:
-        if fmt in ("text", "json"):  # the usual cause, and datasets' own message does not say where
+        if fmt in ("text", "json"):  # the usual causes, and datasets' own message does not say where
             for f in files:
-                if (why := find_bad_utf8(f)) is not None:
+                if (why := diagnose_file(f)) is not None:
                     raise DataSourceError(f"source {name}: file {f}, {why}") from e
         raise DataSourceError(
             f"source {name}: could not load {len(files)} {fmt} file(s) "

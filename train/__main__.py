@@ -18,12 +18,13 @@ import logging
 import os
 import signal
 import sys
+from pathlib import Path
 from typing import NoReturn
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from train.config import ConfigError, compose_config, validate_config
+from train.config import ConfigError, check_output_dir, compose_config, typed_config, validate_config
 
 EXIT_BAD_INPUT = 2
 log = logging.getLogger(__name__)
@@ -76,7 +77,12 @@ def _precheck(argv: list[str]) -> None:
         return
     try:
         cfg = compose_config(args.overrides, args.config_name or "train")
-        cfg.output_dir  # noqa: B018 -- resolves it: it is also Hydra's run dir, resolved before main runs
+        # output_dir is also Hydra's run dir, made (and its .hydra/config.yaml written) before main runs: a file in
+        # its place, or a rerun that may not continue what the folder holds, is refused before that.
+        check_output_dir(cfg.output_dir)
+        from train.runtime.rerun import check_rerun
+
+        check_rerun(typed_config(cfg), Path(cfg.output_dir).absolute(), allocation_known=False)
     except ConfigError as error:
         _exit(f"config error: {error}", EXIT_BAD_INPUT)
     except Exception as error:  # OmegaConf interpolation errors

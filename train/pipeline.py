@@ -25,6 +25,7 @@ from models.gguf import find_gguf, gguf_cache_dir
 from models.teachers import load_teacher, resolve_teacher_path
 from train.config import TINY_TEACHER, TrainConfig, typed_config
 from train.runtime.ranks import is_rank_zero, wait_for_file
+from train.runtime.rerun import check_rerun, record_stage_settings, restart, wait_for_restart
 from train.runtime.run_lock import RunLock
 from train.runtime.tiny_teacher import ensure_tiny_teacher, tiny_teacher_dir
 from train.runtime.tracking import Tracker
@@ -46,6 +47,10 @@ def run(cfg: Any, callbacks: dict[str, list] | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     # One run per output_dir (train/runtime/run_lock.py): rank 0 holds the lock; the run's other ranks share it.
     with RunLock(out) if is_rank_zero() else contextlib.nullcontext():
+        # What the folder holds must be what this config continues (train/runtime/rerun.py), checked before
+        # anything loads; restart_from moves the stages it redoes aside.
+        check_rerun(cfg, out)
+        restart(cfg, out) if is_rank_zero() else wait_for_restart(cfg, out)
         return _run(cfg, out, callbacks or {})
 
 
@@ -66,6 +71,8 @@ def _run(cfg: TrainConfig, out: Path, callbacks: dict[str, list]) -> dict:
                 wait_for_file(done, f"stage {name}")  # rank 0's work (train/runtime/ranks.py)
                 continue
             ctx.stage_dir(name).mkdir(parents=True, exist_ok=True)
+            if is_rank_zero():
+                record_stage_settings(cfg, ctx.stage_dir(name), name)
             # Each stage starts from its own seed, so its result does not depend on which stages ran in this
             # process (a cached tiny teacher, a skipped stage, a resumed run).
             L.seed_everything(cfg.seed + index, workers=True)

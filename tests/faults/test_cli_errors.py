@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import GPT2Config, LlamaConfig, LlamaForCausalLM
+from transformers import AutoTokenizer, GPT2Config, LlamaConfig, LlamaForCausalLM
+
+from data.corpus import tiny_tokenizer_path
 
 from .conftest import cli
 
@@ -85,7 +87,8 @@ def teachers(tmp_path_factory) -> dict[str, Path]:
         num_key_value_heads=1,
         architectures=["LlamaForCausalLM"],
     )
-    dirs = {name: root / name for name in ("not_a_model", "gpt2", "damaged", "short_context", "nan")}
+    names = ("not_a_model", "gpt2", "damaged", "short_context", "nan", "no_tokenizer")
+    dirs = {name: root / name for name in names}
     dirs["not_a_model"].mkdir()
     (dirs["not_a_model"] / "README.md").write_text("my notes")
     GPT2Config(n_layer=2, n_embd=64, n_head=2, architectures=["GPT2LMHeadModel"]).save_pretrained(dirs["gpt2"])
@@ -99,6 +102,8 @@ def teachers(tmp_path_factory) -> dict[str, Path]:
     state = load_file(dirs["nan"] / "model.safetensors")
     state["model.layers.1.mlp.up_proj.weight"][3, 5] = float("nan")
     save_file(state, dirs["nan"] / "model.safetensors", metadata={"format": "pt"})
+    AutoTokenizer.from_pretrained(str(tiny_tokenizer_path())).save_pretrained(dirs["nan"])  # reaches the load
+    LlamaForCausalLM(LlamaConfig(**shape)).save_pretrained(dirs["no_tokenizer"])  # weights only: no tokenizer
     return dirs
 
 
@@ -116,6 +121,10 @@ def test_teacher_mistakes_end_in_one_line(tmp_path, teachers):
         "non-finite weights": (
             [f"teacher.name_or_path={teachers['nan']}", "student.mla_layers=[0]"],
             ["non-finite values", "model.layers.1.mlp.up_proj.weight", "damaged"],
+        ),
+        "no tokenizer": (
+            [f"teacher.name_or_path={teachers['no_tokenizer']}", "student.mla_layers=[0]"],
+            ["no_tokenizer", "tokenizer.json", "data.tokenizer"],
         ),
         "sequence longer than the teacher's positions": (
             [f"teacher.name_or_path={teachers['short_context']}", "data.seq_len=128"],
@@ -154,6 +163,13 @@ def test_damaged_teacher_weights_fail_clearly_when_loading(teachers):
         load_teacher(str(teachers["damaged"]))
 
 
+def _truncated_gzip() -> bytes:
+    import gzip
+
+    whole = gzip.compress(b"".join(b'{"text": "row %d of some text"}\n' % i for i in range(2000)))
+    return whole[: len(whole) // 2]  # an interrupted download
+
+
 @pytest.fixture(scope="module")
 def data_files(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("data")
@@ -170,6 +186,9 @@ def data_files(tmp_path_factory) -> dict[str, Path]:
                 for i in range(40)
             ),
         ),
+        "truncated gzip": ("part.jsonl.gz", _truncated_gzip()),
+        "a line that is not JSON": ("lines.jsonl", b'{"text": "fine"}\n{"text": "cut off\n{"text": "fine"}\n'),
+        "a broken JSON document": ("doc.json", b'[\n  {"text": "one"},\n  {"text": "two"\n]\n'),
     }
     out = {}
     for name, (file, content) in files.items():
@@ -198,6 +217,15 @@ def test_data_mistakes_end_in_one_line(tmp_path, data_files, teacher_cache):
         "rows without the content key": (
             [source(data_files["rows without the content key"])],
             ["mixed.jsonl", "20 of 40 rows", "first at row 1", "data.max_bad_fraction=0.0"],
+        ),
+        "truncated gzip": ([source(data_files["truncated gzip"])], ["part.jsonl.gz", "damaged or truncated"]),
+        "a line that is not JSON": (
+            [source(data_files["a line that is not JSON"])],
+            ["lines.jsonl", "line 2 is not valid JSON", "column"],
+        ),
+        "a broken JSON document": (
+            [source(data_files["a broken JSON document"])],
+            ["doc.json", "line 4 is not valid JSON", "delimiter"],
         ),
     }
     cases = {name: (overrides + teacher, expected) for name, (overrides, expected) in cases.items()}

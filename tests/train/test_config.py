@@ -71,8 +71,18 @@ def teacher_dirs(tmp_path_factory) -> dict[str, Path]:
             architectures=["LlamaForCausalLM"],
             **shape,
         ).save_pretrained(path)
+        _add_tokenizer(path)
         dirs[name] = path
     return dirs
+
+
+def _add_tokenizer(path: Path) -> None:
+    """A teacher folder holds its tokenizer (validate_config asks for one); the shipped tiny one stands in."""
+    from transformers import AutoTokenizer
+
+    from data.corpus import tiny_tokenizer_path
+
+    AutoTokenizer.from_pretrained(str(tiny_tokenizer_path())).save_pretrained(path)
 
 
 @pytest.mark.parametrize("preset", PRESETS)
@@ -318,6 +328,7 @@ def test_smollm2_preset_fits_its_teacher_within_the_kv_budget(tmp_path):
     from models.sizes import SMOLLM2_135M
 
     LlamaConfig(**SMOLLM2_135M, architectures=["LlamaForCausalLM"]).save_pretrained(tmp_path)
+    _add_tokenizer(tmp_path)
     cfg = compose_config(["conf=smollm2_135m", f"teacher.name_or_path={tmp_path}"])
     validate_config(cfg)
     mla = cfg.student.mla

@@ -23,7 +23,7 @@ from .schema import (
     TrainingSchedule,
 )
 from .teacher import is_hub_id, teacher_spec, tiny_teacher_positions
-from .validate import check_stages, student_init_kwargs, typed_config, validate_config
+from .validate import check_output_dir, check_stages, student_init_kwargs, typed_config, validate_config
 
 __all__ = [
     "CONF_DIR",
@@ -38,6 +38,7 @@ __all__ = [
     "TeacherConfig",
     "TrainConfig",
     "TrainingSchedule",
+    "check_output_dir",
     "check_stages",
     "compose_config",
     "composition_message",

@@ -296,6 +296,9 @@ class TrainConfig:
     output_dir: str = "outputs/${run_name}"  # stage folders, student/, report.json (relative to the cwd)
     seed: int = 1234  # model init, dropout, sampling; data.seed follows it by default
     stages: list[str] = field(default_factory=lambda: ["init", "ild", "kd", "eval", "export"])
+    # A rerun into output_dir that changes a stage's settings: redo this stage (one of `stages`) and the ones after
+    # it; their old folders move to output_dir/replaced/<time>/ (train/runtime/rerun.py).
+    restart_from: str | None = None
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
     data: DataConfig = field(default_factory=DataConfig)

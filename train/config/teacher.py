@@ -85,6 +85,23 @@ def teacher_spec(teacher: TeacherConfig, vocab_size: int = 1024, fetch: bool = F
         ) from e
 
 
+def check_teacher_tokenizer(cfg: TrainConfig) -> None:
+    """A local teacher directory must hold its tokenizer unless data.tokenizer names one (a GGUF carries its own);
+    checked after the teacher itself (a folder that is no model at all is told so first)."""
+    from models.gguf import find_gguf
+
+    path = Path(cfg.teacher.name_or_path).expanduser()
+    if cfg.data.tokenizer is not None or not path.is_dir() or find_gguf(str(path)) is not None:
+        return
+    if not any((path / f).exists() for f in TOKENIZER_FILES):
+        fail(
+            "teacher.name_or_path",
+            cfg.teacher.name_or_path,
+            f"a directory with the teacher's tokenizer ({' / '.join(TOKENIZER_FILES)}: none is there); copy them "
+            "from where the model came from, or set data.tokenizer",
+        )
+
+
 def _remote_code_message(error: BaseException, name: str) -> str | None:
     """transformers refuses a teacher whose code ships with it unless trust_remote_code; say which key allows it."""
     if "trust_remote_code" not in str(error):
@@ -98,6 +115,9 @@ def _remote_code_message(error: BaseException, name: str) -> str | None:
 def is_hub_id(name: str) -> bool:
     """'org/name' or 'name' of letters, digits, '-', '_', '.'; paths ('/x', './x', '~/x', 'a/b/c') are not."""
     return bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?", name)) and ".." not in name
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
 def check_teacher(cfg: TrainConfig) -> None:

@@ -4,6 +4,7 @@ shape), before any model loads. Raises ConfigError with one line naming the key,
 from __future__ import annotations
 
 import math
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import fields, is_dataclass
@@ -28,7 +29,7 @@ from .schema import (
     TrainConfig,
     WandbLoggerConfig,
 )
-from .teacher import check_teacher, is_hub_id, teacher_spec
+from .teacher import check_teacher, check_teacher_tokenizer, is_hub_id, teacher_spec
 
 
 def check_stages(stages: list[str]) -> None:
@@ -68,6 +69,19 @@ def _check_known_keys(node: Any, path: str = "") -> None:
     for child_path, child in children:
         if isinstance(child, (DictConfig, ListConfig)) and not child._is_none() and not child._is_missing():
             _check_known_keys(child, child_path)
+
+
+def check_output_dir(output_dir: str) -> None:
+    """output_dir: a directory that exists and is writable, or one that can be made (nothing is created here)."""
+    if not output_dir:
+        fail("output_dir", output_dir, "a directory path")
+    path = Path(output_dir).expanduser().absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        what = "is" if existing == path else f"lies under {existing}, which is"
+        fail("output_dir", output_dir, f"a directory; it {what} a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        fail("output_dir", output_dir, f"a writable directory; {existing} is not writable by this user")
 
 
 def typed_config(cfg: Any) -> TrainConfig:
@@ -340,8 +354,9 @@ def validate_config(cfg: Any, fetch_teacher: bool = False) -> TrainConfig:
                 f"the selected preset's name {preset!r} (conf/conf/{preset}.yaml must set conf: {preset})",
             )
     check_stages(c.stages)
-    if not c.output_dir:
-        fail("output_dir", c.output_dir, "a directory path")
+    if c.restart_from is not None and c.restart_from not in c.stages:
+        fail("restart_from", c.restart_from, f"null or one of stages {list(c.stages)}")
+    check_output_dir(c.output_dir)
     check_teacher(c)
     try:
         c.data.validate()
@@ -358,4 +373,5 @@ def validate_config(cfg: Any, fetch_teacher: bool = False) -> TrainConfig:
             f"at most the teacher's max_position_embeddings {spec.max_position_embeddings}",
         )
     _check_student(c, spec)
+    check_teacher_tokenizer(c)
     return c

@@ -21,6 +21,10 @@ class Stage:
     makes_student: bool = False  # writes <stage>/student: the latest one is what later stages start from
     plots: tuple[tuple[str, str], ...] = ()  # (W&B key, PNG file in output_dir) logged when the stage ends
     uploads_report: bool = False  # the report artifact is uploaded when the stage ends (not only at the end)
+    # The config groups that are this stage's own settings: a rerun compares them (with the teacher, student,
+    # data and earlier stages' ones) before it continues the stage (train/runtime/rerun.py).
+    settings: tuple[str, ...] = ()
+    needs_student: bool = True  # starts from the latest student: some earlier stage must have made one
 
     @property
     def module(self) -> Any:
@@ -39,15 +43,18 @@ class Stage:
 
 
 STAGES: tuple[Stage, ...] = (
-    Stage("init", "the student from the teacher's weights (and per-kind candidates for select)", makes_student=True),
+    Stage("init", "the student from the teacher's weights (and per-kind candidates for select)", makes_student=True,
+          needs_student=False),
     Stage("ild", "layer-wise alignment to the teacher's hidden states", trains=True, makes_student=True,
-          plots=(("ild/layer_losses_plot", "ild_layer_losses.png"),)),
+          plots=(("ild/layer_losses_plot", "ild_layer_losses.png"),), settings=("ild",)),
     Stage("select", "SMART: which layers keep attention (MLA), from the ILD losses", makes_student=True,
-          plots=(("select/scores_plot", "select_scores.png"),)),
-    Stage("kd", "end-to-end distillation on the teacher's logits", trains=True, makes_student=True),
-    Stage("dpo", "preference tuning against a frozen copy of the student", trains=True, makes_student=True),
+          plots=(("select/scores_plot", "select_scores.png"),), settings=("select",)),
+    Stage("kd", "end-to-end distillation on the teacher's logits", trains=True, makes_student=True,
+          settings=("kd",)),
+    Stage("dpo", "preference tuning against a frozen copy of the student", trains=True, makes_student=True,
+          settings=("dpo",)),
     Stage("eval", "teacher vs students on held-out data, side-by-side generations", uploads_report=True),
-    Stage("export", "the final student as a Hugging Face folder (output_dir/student)"),
+    Stage("export", "the final student as a Hugging Face folder (output_dir/student)", settings=("export",)),
 )  # fmt: skip
 STAGE_NAMES: tuple[str, ...] = tuple(s.name for s in STAGES)
 TRAINING_STAGES: tuple[str, ...] = tuple(s.name for s in STAGES if s.trains)

@@ -23,7 +23,7 @@ from models import HybridForCausalLM
 from models.teachers import TeacherSpec
 from train.config import TrainConfig
 from train.runtime.deepspeed_strategy import consolidated_state_dict, is_deepspeed, load_consolidated
-from train.runtime.faults import FaultError
+from train.runtime.faults import CheckpointError, FaultError
 from train.runtime.trainer import make_trainer
 
 from . import STUDENT_STAGES
@@ -134,7 +134,17 @@ def _finite(node: Any) -> Any:
 
 
 def load_student(path: Path, dtype: torch.dtype | None = None) -> HybridForCausalLM:
-    return HybridForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
+    """A student a stage saved; a damaged or missing one is a CheckpointError (exit 4) naming the stage that made
+    it and how to redo that stage."""
+    try:
+        return HybridForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
+    except Exception as error:  # safetensors, JSON, OSError: the student's files are not what save_student wrote
+        stage = Path(path).parent.name if Path(path).name == "student" else Path(path).parent.parent.name
+        reason = " ".join(str(error).split())[:300] or type(error).__name__
+        raise CheckpointError(
+            f"the student saved by stage {stage} ({path}) cannot be read: {type(error).__name__}: {reason}; "
+            f"restore it, or redo that stage and the ones after it with restart_from={stage}"
+        ) from error
 
 
 def save_student(
