@@ -82,7 +82,7 @@ def _precheck(argv: list[str]) -> None:
         check_output_dir(cfg.output_dir)
         from train.runtime.rerun import check_rerun
 
-        check_rerun(typed_config(cfg), Path(cfg.output_dir).absolute(), allocation_known=False)
+        check_rerun(typed_config(cfg), Path(cfg.output_dir).absolute())
     except ConfigError as error:
         _exit(f"config error: {error}", EXIT_BAD_INPUT)
     except Exception as error:  # OmegaConf interpolation errors

@@ -22,7 +22,7 @@ from transformers import AutoTokenizer
 
 from models.compile import set_compile
 from models.gguf import find_gguf, gguf_cache_dir
-from models.teachers import load_teacher, resolve_teacher_path
+from models.teachers import TeacherLoadError, load_teacher, resolve_teacher_path
 from train.config import TINY_TEACHER, TrainConfig, typed_config
 from train.runtime.ranks import is_rank_zero, wait_for_file
 from train.runtime.rerun import check_rerun, record_stage_settings, restart, wait_for_restart
@@ -103,12 +103,17 @@ def _load(cfg: TrainConfig, out: Path, callbacks: dict[str, list]) -> Context:
     if gguf is not None and not is_rank_zero():
         wait_for_file(gguf_cache_dir(gguf) / "config.json", "the GGUF teacher")
     teacher_path = resolve_teacher_path(teacher_path)
-    teacher, spec = load_teacher(
-        teacher_path,
-        dtype=cfg.teacher.dtype,
-        trust_remote_code=cfg.teacher.trust_remote_code,
-        attn_implementation=cfg.teacher.attn_implementation,
-    )
+    try:
+        teacher, spec = load_teacher(
+            teacher_path,
+            dtype=cfg.teacher.dtype,
+            trust_remote_code=cfg.teacher.trust_remote_code,
+            attn_implementation=cfg.teacher.attn_implementation,
+        )
+    except TeacherLoadError as error:
+        if gguf is None:
+            raise
+        raise TeacherLoadError(f"{error} (the dequantized copy of {gguf}; the .gguf file itself is damaged)") from error
     tokenizer = AutoTokenizer.from_pretrained(cfg.data.tokenizer or teacher_path, trust_remote_code=False)
     report_path = out / "report.json"
     report = json.loads(report_path.read_text()) if report_path.exists() else {"stage_seconds": {}}

@@ -47,6 +47,8 @@ MAY_CHANGE = (
     "data.eval_max_rows",
     "data.max_bad_fraction",  # a run that passed the check read the same rows
     "trainer.accelerator",
+    "trainer.devices",  # resuming at another world size is supported (docs/reliability.md)
+    "trainer.num_nodes",
     "trainer.log_every_n_steps",
     "trainer.enable_progress_bar",
     "trainer.deterministic",
@@ -108,8 +110,8 @@ def record_stage_settings(cfg: TrainConfig, stage_dir: Path, name: str) -> None:
         write_json(path, stage_settings(cfg, name))
 
 
-def _changes(saved: dict[str, Any], current: dict[str, Any], ignored: tuple[str, ...] = ()) -> list[str]:
-    keys = [k for k in dict.fromkeys([*current, *saved]) if not _may_change(k) and k not in ignored]
+def _changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    keys = [k for k in dict.fromkeys([*current, *saved]) if not _may_change(k)]
     missing = object()
     return [
         f"{k}: {_show(saved.get(k, missing))} -> {_show(current.get(k, missing))}"
@@ -122,12 +124,10 @@ def _show(value: Any) -> str:
     return "(unset)" if not isinstance(value, (str, int, float, bool, list, dict, type(None))) else json.dumps(value)
 
 
-def check_rerun(cfg: TrainConfig, out: Path, allocation_known: bool = True) -> None:
+def check_rerun(cfg: TrainConfig, out: Path) -> None:
     """Stop (ConfigError, one line) when this run cannot continue what `out` holds: a stage of it started there
-    under other settings, or its first stage needs a student no earlier stage made. Changes nothing on disk.
-    `allocation_known=False` (before srun / torchrun set trainer.devices) leaves the device counts out."""
+    under other settings, or its first stage needs a student no earlier stage made. Changes nothing on disk."""
     check_student_source(cfg, out)
-    ignored = () if allocation_known else ("trainer.devices", "trainer.num_nodes")
     pending = cfg.restart_from is not None and not _restart_recorded(cfg, out)
     for name in cfg.stages:
         if pending and STAGE_NAMES.index(name) >= STAGE_NAMES.index(cfg.restart_from):
@@ -135,7 +135,7 @@ def check_rerun(cfg: TrainConfig, out: Path, allocation_known: bool = True) -> N
         path = out / name / SETTINGS_FILE
         if not path.exists():
             continue
-        changes = _changes(json.loads(path.read_text()), stage_settings(cfg, name), ignored)
+        changes = _changes(json.loads(path.read_text()), stage_settings(cfg, name))
         if changes:
             shown = "; ".join(changes[:6]) + (f"; and {len(changes) - 6} more" if len(changes) > 6 else "")
             raise ConfigError(
