@@ -182,3 +182,18 @@ def test_a_damaged_student_of_a_finished_stage_is_named(finished, tmp_path, teac
     line = last_line(result)
     assert "the student saved by stage ild" in line and str(out / "ild" / "student") in line
     assert "restart_from=ild" in line and "Traceback" not in result.stderr
+
+
+def test_more_cpu_processes_than_cores_are_announced(tmp_path, caplog):
+    from train.config import validate_config
+
+    cores = os.cpu_count() or 1
+    cfg = compose_config([f"output_dir={tmp_path}", f"trainer.devices={cores + 2}"])
+    with caplog.at_level("WARNING"):
+        validate_config(cfg)
+    n = cores + 2
+    assert f"trainer.devices={n} on the CPU starts {n} training processes on {cores} cores" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        validate_config(compose_config([f"output_dir={tmp_path}", f"trainer.devices={cores}"]))
+    assert "training processes" not in caplog.text

@@ -3,6 +3,7 @@ shape), before any model loads. Raises ConfigError with one line naming the key,
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import re
@@ -30,6 +31,8 @@ from .schema import (
     WandbLoggerConfig,
 )
 from .teacher import check_teacher, check_teacher_tokenizer, is_hub_id, teacher_spec
+
+log = logging.getLogger(__name__)
 
 
 def check_stages(stages: list[str]) -> None:
@@ -311,6 +314,13 @@ def _check_runtime(cfg: TrainConfig) -> None:
         or (isinstance(d, (list, tuple)) and d and all(isinstance(i, int) for i in d))
     ):
         fail("trainer.devices", d, "an integer >= 1, -1 (all), 'auto' or a list of device ids")
+    cores = os.cpu_count() or 1
+    if t.accelerator == "cpu" and isinstance(d, int) and not isinstance(d, bool) and d > cores:
+        log.warning(  # allowed (a multi-process test of a cluster setup), but never silently slow
+            "trainer.devices=%d on the CPU starts %d training processes on %d cores: they share the cores, so each "
+            "step takes about %d times as long as on %d processes; the results equal those of %d devices",
+            d, d, cores, -(-d // cores), cores, d,
+        )  # fmt: skip
     st = cfg.strategy
     if isinstance(st, DeepSpeedStrategyConfig):
         if not st.name.startswith("deepspeed"):
