@@ -130,3 +130,36 @@ def test_log_records_are_redacted(monkeypatch):
     RedactingFilter().filter(record)
     assert record.getMessage() == "key=*** token=1"
     assert os.environ["MY_SERVICE_API_KEY"] == "abcdefgh12345678"
+
+
+def test_an_exported_student_loads_without_a_remote_code_prompt_where_our_package_is_imported(tmp_path):
+    """transformers 5 reads config.json before the tokenizer files, so `AutoTokenizer.from_pretrained(student)`
+    asked "run the custom code? [y/N]" for our students (their config class travels as auto_map code). Importing
+    `models` registers the student's config and model with the Auto classes: the tokenizer loads with no prompt
+    and the model without trust_remote_code, both through our installed code rather than the folder's copy."""
+    import subprocess
+    import sys
+
+    from transformers import AutoTokenizer
+
+    from data.corpus import tiny_tokenizer_path
+    from tests.models.tiny import tiny_model
+    from train.stages.context import save_student
+
+    folder = tmp_path / "student"
+    save_student(tiny_model(), folder, AutoTokenizer.from_pretrained(str(tiny_tokenizer_path())))
+    assert "AutoConfig" in json.loads((folder / "config.json").read_text())["auto_map"]  # plain transformers: code
+    script = f"""
+import builtins
+def no_prompt(*args, **kwargs):
+    raise SystemExit("prompted: " + str(args[0] if args else "")[:200])
+builtins.input = no_prompt
+import models
+from transformers import AutoModelForCausalLM, AutoTokenizer
+tokenizer = AutoTokenizer.from_pretrained({str(folder)!r})
+model = AutoModelForCausalLM.from_pretrained({str(folder)!r})
+assert type(model) is models.HybridForCausalLM, type(model)
+print("loaded", type(tokenizer).__name__, tokenizer("def f():")["input_ids"][:3])
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "loaded" in result.stdout, result.stdout + result.stderr[-2000:]

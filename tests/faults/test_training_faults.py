@@ -157,6 +157,30 @@ def test_nonfinite_loss_stop_policy_saves_a_checkpoint_and_says_so(tmp_path, tea
     assert state["global_step"] == 4 and all(torch.isfinite(t).all() for t in state["state_dict"].values())
 
 
+class TeacherNanAt(NanAt):
+    """The frozen teacher's MLP outputs turn NaN during the given steps (a broken teacher, not the student)."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step in self.steps:
+            for name, module in pl_module.teacher.named_modules():
+                if name.endswith("mlp"):
+                    self.hooks.append(module.register_forward_hook(lambda m, i, out: out * float("nan")))
+
+
+@pytest.mark.parametrize("stage", ["ild", "kd"])
+def test_a_non_finite_teacher_is_named_by_the_loss_policy(tmp_path, teacher_cache, stage):
+    cfg = compose_config(small(tmp_path, teacher_cache, f"stages=[init,{stage}]", "faults.nonfinite_loss=stop"))
+    with pytest.raises(NonFiniteLossError) as info:
+        run(cfg, callbacks={stage: [TeacherNanAt([1])]})
+    message = str(info.value)
+    assert f"{stage}: non-finite loss (nan) from the teacher: the teacher " in message, message
+    assert "(float32) gave non-finite outputs" in message and "teacher.dtype" in message
+    with pytest.raises(NonFiniteLossError) as info:  # the student's own NaN: the teacher is not blamed
+        run(compose_config(small(tmp_path / "s", teacher_cache, "stages=[init,kd]", "faults.nonfinite_loss=stop")),
+            callbacks={"kd": [NanAt([1])]})  # fmt: skip
+    assert "from the teacher" not in str(info.value) and "lower the learning rate" in str(info.value)
+
+
 def test_skips_beyond_max_skips_stop(tmp_path, teacher_cache):
     from train.runtime.faults import NonFiniteLossGuard
 

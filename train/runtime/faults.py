@@ -116,18 +116,24 @@ class NonFiniteLossGuard(L.Callback):
         self.max_skips = max_skips if nonfinite_loss == "skip" else 0
         self.skipped = 0  # updates dropped in this stage (kept in checkpoints)
         self._losses: list[torch.Tensor] = []  # losses since the last optimizer step (checked there: one sync)
+        self._teacher_finite: list[torch.Tensor] = []  # the module's teacher_finite flags of those micro-batches
+        self._teacher_bad = False  # a non-finite loss came with non-finite teacher outputs
         self._bad_loss: float | None = None  # the first non-finite one of them
         self._stepped = False  # an optimizer step ended this batch (not one accumulating gradients)
         self._dropped = False  # ... and its update was dropped
 
     def on_before_backward(self, trainer, pl_module, loss: torch.Tensor) -> None:
         self._losses.append(loss.detach().float().reshape(-1)[:1])
+        flag = getattr(pl_module, "teacher_finite", None)
+        if isinstance(flag, torch.Tensor):
+            self._teacher_finite.append(flag.reshape(1))
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         losses = torch.cat(self._losses) if self._losses else torch.zeros(1)
         finite = torch.isfinite(losses)
         self._bad_loss = None if bool(finite.all()) else float(losses[~finite][0])
         bad = self._bad_loss is not None
+        self._teacher_bad = bad and bool(self._teacher_finite) and not bool(torch.cat(self._teacher_finite).all())
         # Gradients are checked where they are plain, unscaled tensors: not under a GradScaler (its inf checks
         # drive the loss scale) nor DeepSpeed (gradients live in the engine's partitions).
         if not bad and not _uses_deepspeed(trainer) and getattr(trainer.precision_plugin, "scaler", None) is None:
@@ -141,12 +147,15 @@ class NonFiniteLossGuard(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if not self._stepped or not update_done(trainer):
             return  # accumulating gradients: the decision comes with the optimizer step
-        bad_loss, dropped = self._bad_loss, self._dropped
+        bad_loss, dropped, teacher_bad = self._bad_loss, self._dropped, self._teacher_bad
         self._losses, self._bad_loss, self._stepped, self._dropped = [], None, False, False
+        self._teacher_finite, self._teacher_bad = [], False
         if not dropped:
             return
         what = "loss" if bad_loss is not None else "gradient"
         value = f" ({bad_loss})" if bad_loss is not None and not math.isfinite(bad_loss) else ""
+        if teacher_bad:
+            value += f" from the teacher: {teacher_description(pl_module)} gave non-finite outputs for this batch"
         self.skipped += 1
         stage, step = stage_name(trainer), trainer.global_step
         if self.skipped <= self.max_skips:
@@ -167,10 +176,14 @@ class NonFiniteLossGuard(L.Callback):
             if self.policy == "stop"
             else f"more than faults.max_skips={self.max_skips} dropped updates"
         )
+        advice = (
+            "check the teacher's weights, or its teacher.dtype (float16 overflows where bfloat16 does not)"
+            if teacher_bad
+            else "lower the learning rate or check the data"
+        )
         raise NonFiniteLossError(
             f"{stage}: non-finite {what}{value} at step {step}; stopped ({rule}). Checkpoint without that update: "
-            f"{path}. Rerun the same command to resume after that batch; if it keeps happening, lower the learning "
-            "rate or check the data"
+            f"{path}. Rerun the same command to resume after that batch; if it keeps happening, {advice}"
         )
 
     def state_dict(self) -> dict[str, Any]:
@@ -178,6 +191,13 @@ class NonFiniteLossGuard(L.Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.skipped = int(state_dict.get("skipped", 0))
+
+
+def teacher_description(pl_module: Any) -> str:
+    """'the teacher <name_or_path> (<dtype>)' of a distillation module, for messages."""
+    teacher = getattr(pl_module, "teacher", None)
+    name = getattr(getattr(teacher, "config", None), "_name_or_path", "") or "?"
+    return f"the teacher {name} ({str(getattr(teacher, 'dtype', '?')).removeprefix('torch.')})"
 
 
 def _finite(tensors: list[torch.Tensor]) -> bool:

@@ -55,7 +55,9 @@ class ILDModule(DistillModule):
 
     def layer_losses(self, batch: dict[str, torch.Tensor]) -> dict[tuple[str, int], torch.Tensor]:
         """{(candidate, layer): loss} for one batch."""
-        return self.losses_from_trace(adapter_for(self.teacher).capture(self.teacher, batch), batch)
+        trace = adapter_for(self.teacher).capture(self.teacher, batch)
+        self.note_teacher_outputs(trace.final_hidden)
+        return self.losses_from_trace(trace, batch)
 
     def losses_from_trace(
         self, trace: TeacherTrace, batch: dict[str, torch.Tensor]

@@ -25,7 +25,7 @@ class KDModule(DistillModule):
 
     def teacher_hidden(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         with torch.no_grad():
-            return adapter_for(self.teacher).final_hidden(self.teacher, batch)
+            return self.note_teacher_outputs(adapter_for(self.teacher).final_hidden(self.teacher, batch))
 
     def student_hidden(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.student.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).last_hidden_state

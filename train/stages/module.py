@@ -24,6 +24,13 @@ class DistillModule(L.LightningModule):
         self._step_start: float | None = None  # when the current training step's batch arrived
         self._step_work = (0, 0)  # (tokens over all ranks, model FLOPs per rank) of the current step
         self._last_step: tuple[int, int, float] | None = None  # (tokens, FLOPs, wall seconds) of the previous step
+        # Whether the teacher's outputs of the current batch were finite: a device tensor (no host sync), read by
+        # the non-finite loss guard only when a loss is not finite, to tell a broken teacher from the student.
+        self.teacher_finite: torch.Tensor | None = None
+
+    def note_teacher_outputs(self, hidden: torch.Tensor) -> torch.Tensor:
+        self.teacher_finite = torch.isfinite(hidden).all()
+        return hidden
 
     def on_fit_start(self) -> None:
         self.teacher.to(self.device)
