@@ -335,3 +335,22 @@ def test_gradient_accumulation_faults_act_on_whole_steps(tmp_path, teacher_cache
     assert all(torch.equal(a, b) for a, b in zip(snapshots.before[1], snapshots.after[1], strict=True))
     state = torch.load(tmp_path / "ild" / "checkpoints" / "last.ckpt", weights_only=True)
     assert state["global_step"] == 3 and state["DistillDataModule"]["phases"]["ild"]["consumed"] == 6 * 2
+
+
+def test_a_resumed_stage_shows_its_steps_in_the_progress_bar(tmp_path, teacher_cache):
+    """Lightning's bars showed `Epoch 0/-2` and `60/43` after a resume (epochs of an endless stream, batches of a
+    pass); the bar shows the stage's optimizer steps against its max_steps, starting where the checkpoint stopped."""
+    args = [*small(tmp_path / "run", teacher_cache, "stages=[init,ild]"), "trainer.enable_progress_bar=true"]
+    fault = {"kind": "signal", "stage": "ild", "step": 2, "signal": "SIGUSR1"}
+    stopped = subprocess.run(driver_command(fault, *args), cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert stopped.returncode == 128 + signal.SIGUSR1, stopped.stderr[-3000:]
+
+    resumed = cli(*args)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    shown = [s.strip() for s in (resumed.stdout + resumed.stderr).replace("\r", "\n").splitlines() if "ild" in s]
+    bars = [s for s in shown if "/6 [" in s]
+    assert bars, (resumed.stdout + resumed.stderr)[-3000:]
+    print(bars[0], "...", bars[-1], sep="\n")
+    assert bars[0].startswith("ild:") and "| 3/6 [" in bars[0]  # the resumed stage starts at its checkpoint's step
+    assert "| 6/6 [" in bars[-1]
+    assert not any("Epoch" in s or "/-" in s for s in shown)

@@ -2,8 +2,9 @@
 
 Every trainer gets the fault handling of docs/reliability.md: atomic checkpoint writes and safe reads
 (`AtomicCheckpointIO`, or DeepSpeed's own writer with the resume check), the non-finite loss policy
-(`NonFiniteLossGuard`, from the `faults` config group) and a checkpoint on SIGTERM / SIGUSR1
-(`PreemptionCheckpoint`). A callback of the same kind in `extra_callbacks` replaces the default one.
+(`NonFiniteLossGuard`, from the `faults` config group), a checkpoint on SIGTERM / SIGUSR1
+(`PreemptionCheckpoint`) and a progress bar of the stage's steps (`StepProgressBar`). A callback of the same kind
+in `extra_callbacks` replaces the default one.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from .csv_log import ResumableCSVLogger
 from .deepspeed_strategy import make_deepspeed_strategy
 from .faults import NonFiniteLossGuard
 from .preemption import PreemptionCheckpoint
+from .progress import StepProgressBar
 from .sdpa_report import SDPAKernelReport
 
 
@@ -82,6 +84,8 @@ def make_trainer(
     args = {k: v for k, v in trainer_cfg.items() if k not in ("gradient_checkpointing",)}
     extra = list(extra_callbacks or [])
     defaults = [NonFiniteLossGuard(**(faults or {})), PreemptionCheckpoint(), SDPAKernelReport()]
+    if args.get("enable_progress_bar", True):
+        defaults.append(StepProgressBar(stage_dir.name))
     extra += [d for d in defaults if not any(isinstance(c, type(d)) for c in extra)]
     trainer = L.Trainer(
         default_root_dir=str(stage_dir),
