@@ -13,6 +13,7 @@ from typing import Any
 
 from transformers import PretrainedConfig
 
+from .documents import DOCUMENT_MASKINGS
 from .mixer_kind import config_from_dict
 from .mixers import MIXERS, PLACED_KIND, check_mixer_types, mixer_kind
 
@@ -42,6 +43,7 @@ class HybridConfig(PretrainedConfig):
         max_position_embeddings: int = 2048,
         rope_parameters: dict | None = None,
         mixer_types: list[str] | None = None,
+        document_masking: str = "auto",
         initializer_range: float = 0.02,
         tie_word_embeddings: bool = False,
         use_cache: bool = True,
@@ -66,6 +68,9 @@ class HybridConfig(PretrainedConfig):
         self.mixer_types = list(mixer_types) if mixer_types is not None else [PLACED_KIND.name] * num_hidden_layers
         for name, kind in MIXERS.items():
             setattr(self, name, asdict(config_from_dict(kind.settings, kwargs.pop(name, None))))
+        # How MLA keeps packed documents apart without a cache (models/documents.py DOCUMENT_MASKINGS): a run-time
+        # choice like transformers' attn_implementation; every value gives the same numbers.
+        self.document_masking = document_masking
         self.initializer_range = initializer_range
         self.use_cache = use_cache
         super().__init__(
@@ -93,6 +98,9 @@ class HybridConfig(PretrainedConfig):
     def validate_hybrid(self) -> None:
         """Raise ValueError naming the key and what is allowed; called on construction."""
         check_mixer_types(self.mixer_types, self.num_hidden_layers)
+        if self.document_masking not in DOCUMENT_MASKINGS:
+            allowed = list(DOCUMENT_MASKINGS)
+            raise ValueError(f"document_masking={self.document_masking!r} is invalid; allowed: {allowed}")
         if self.head_dim % 2:
             raise ValueError(f"head_dim={self.head_dim} must be even for RoPE")
         for name, kind in MIXERS.items():

@@ -5,13 +5,24 @@ padding uses position 1 for pads, so the real prompt starts a document of its ow
 Mamba2 gets `seq_idx` (its state and conv reset at each start) and MLA gets, for every query, the absolute
 index where its document starts (keys before it are masked). Both also hold across calls with a cache.
 A Hugging Face teacher gets the same boundaries as a 4D block-diagonal causal mask (`packed_causal_mask`).
+
+Long packed rows: a dense (B, 1, T, T) mask is quadratic (1 GiB per row at 32K) and keeps attention kernels from
+skipping the blocks between documents. On CUDA the same boundaries become a FlexAttention `BlockMask`
+(`document_block_mask`), which stores per block whether it is empty, full or partial; the dense mask stays the
+reference on CPU (`DOCUMENT_MASKINGS`, `use_block_mask`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+
+# How packed documents are kept apart in attention: "dense" a (B, 1, T, T) bool mask, "flex" a FlexAttention
+# BlockMask, "auto" flex on CUDA and dense elsewhere (CPU FlexAttention runs unfused and gains nothing).
+DOCUMENT_MASKINGS = ("auto", "dense", "flex")
+BLOCK_SIZE = 128  # FlexAttention's tile: blocks of 128 queries x 128 keys are skipped when empty
 
 
 @dataclass
@@ -23,6 +34,9 @@ class Documents:
     # No row starts a document after its first token: Mamba2 needs no seq_idx and, without a cache,
     # MLA needs no mask beyond causal. One host sync per forward, paid once for all layers.
     single_document: bool
+    # Set by the model for a forward without a cache over several documents, where `use_block_mask` says so:
+    # MLA layers then attend through FlexAttention instead of a dense mask. Built once, shared by all layers.
+    block_mask: Any = None
 
 
 def document_index(position_ids: torch.Tensor) -> torch.Tensor:
@@ -70,3 +84,41 @@ def packed_causal_mask(position_ids: torch.Tensor, dtype: torch.dtype = torch.bo
     if dtype == torch.bool:
         return keep
     return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill(~keep, torch.finfo(dtype).min)
+
+
+def use_block_mask(masking: str, device: torch.device) -> bool:
+    """Whether `masking` (one of DOCUMENT_MASKINGS) means a FlexAttention BlockMask on `device`."""
+    if masking not in DOCUMENT_MASKINGS:
+        raise ValueError(f"document_masking={masking!r} is invalid; allowed: {list(DOCUMENT_MASKINGS)}")
+    if masking == "flex" and device.type == "cpu" and torch.is_grad_enabled():
+        raise ValueError(
+            "document_masking='flex' trains on CUDA only (FlexAttention has no CPU backward); "
+            "use 'auto' or 'dense' on the CPU, or run under torch.no_grad()"
+        )
+    return masking == "flex" or (masking == "auto" and device.type == "cuda")
+
+
+def document_block_mask(position_ids: torch.Tensor) -> Any:
+    """The `packed_causal_mask` of `position_ids` as a FlexAttention BlockMask (B, 1, T, T): causal within each
+    document. Blocks wholly before a query block's documents are never computed; memory is O(T^2 / 128^2)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    if (position_ids[:, 0] != 0).any():
+        raise ValueError("position_ids must start every row with 0 (a row starts a document)")
+    doc = document_index(position_ids)
+    batch, length = position_ids.shape
+
+    def same_document_causal(b, h, q, k):
+        return (k <= q) & (doc[b, q] == doc[b, k])
+
+    # Compiled on CUDA: the eager builder evaluates the mask at every (query, key) pair, the dense cost we avoid.
+    return create_block_mask(
+        same_document_causal,
+        batch,
+        None,
+        length,
+        length,
+        device=position_ids.device,
+        BLOCK_SIZE=BLOCK_SIZE,
+        _compile=position_ids.device.type == "cuda",
+    )

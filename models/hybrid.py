@@ -19,7 +19,13 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from .cache import HybridCache
 from .compile import compiled_in_training
 from .config import HybridConfig
-from .documents import Documents, documents_from_positions, positions_from_attention_mask
+from .documents import (
+    Documents,
+    document_block_mask,
+    documents_from_positions,
+    positions_from_attention_mask,
+    use_block_mask,
+)
 from .mixer_kind import MixerKind
 from .mixers import kind_of_module, mixer_kind
 from .norm import GatedRMSNorm, RMSNorm
@@ -158,6 +164,8 @@ class HybridModel(HybridPreTrainedModel):
             else:
                 position_ids = torch.arange(past, past + length, device=hidden.device).expand(batch, length)
         docs = documents_from_positions(position_ids, past, cache.doc_start if cache is not None else None)
+        if cache is None and not docs.single_document and use_block_mask(self.config.document_masking, hidden.device):
+            docs.block_mask = document_block_mask(position_ids)
         cos, sin = self.rope(position_ids)
         all_hidden = [hidden] if output_hidden_states else None
         for i, layer in enumerate(self.layers):

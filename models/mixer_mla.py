@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from .attention_weights import AttentionWeights
 from .documents import Documents
@@ -237,6 +238,8 @@ class MLA(nn.Module):
             if docs.past_len > 0:
                 latent, k_pe = cached
                 query_start = cache.position  # None for a growing cache; a device counter for a preallocated one
+        if docs.block_mask is not None and cache is None:  # packed documents, FlexAttention (models/documents.py)
+            return self.o_proj(self._expanded(q_nope, q_pe, latent, k_pe, docs.block_mask).flatten(-2))
         mask = attention_mask(docs, length, latent.shape[1], query_start)
         if absorb is None:
             absorb = docs.past_len > 0
@@ -258,6 +261,17 @@ class MLA(nn.Module):
             v = v.repeat_interleave(self.rope_heads // self.up_heads, dim=2)
         k = torch.cat([k_nope, k_pe.to(k_nope.dtype)], dim=-1)  # (B, S, K, nope+rope)
         q = torch.cat([q_nope, q_pe], dim=-1)  # (B, T, H, nope+rope)
+        if isinstance(mask, BlockMask):
+            dtype = v.dtype  # FlexAttention is not autocast-aware: one dtype for q, k, v (SDPA's autocast does this)
+            out = flex_attention_kernel(q.device)(
+                q.transpose(1, 2).to(dtype),
+                k.transpose(1, 2).to(dtype),
+                v.transpose(1, 2),
+                block_mask=mask,
+                scale=self.scale,
+                enable_gqa=k.shape[2] != self.num_heads,
+            )
+            return out.transpose(1, 2)
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2),
             k.transpose(1, 2),
@@ -293,6 +307,19 @@ class MLA(nn.Module):
         if bias is not None:  # attention weights sum to one, so the value bias passes through unchanged
             out = out + b_v[:, None, :]
         return out.flatten(2, 3)
+
+
+_COMPILED_FLEX: list = []
+
+
+def flex_attention_kernel(device: torch.device):
+    """FlexAttention for `device`: compiled once per process on CUDA (its fused kernel); eager elsewhere, where it
+    computes the full score matrix (the CPU reference)."""
+    if device.type != "cuda":
+        return flex_attention
+    if not _COMPILED_FLEX:
+        _COMPILED_FLEX.append(torch.compile(flex_attention, dynamic=False))
+    return _COMPILED_FLEX[0]
 
 
 def attention_mask(

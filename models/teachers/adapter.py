@@ -24,7 +24,7 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from ..attention_weights import AttentionWeights
-from ..documents import packed_causal_mask
+from ..documents import document_block_mask, packed_causal_mask
 from ..rope import SUPPORTED_ROPE_TYPES
 from ..teacher_spec import TeacherSpec
 from .attention_weights import attention_weights
@@ -142,16 +142,21 @@ class TeacherAdapter:
     def document_mask(self, model: nn.Module, position_ids: torch.Tensor) -> torch.Tensor | None:
         """The attention mask that keeps the packed documents of `position_ids` (restarting at 0) apart, in the
         form the model's attention implementation takes: "sdpa" a bool block-diagonal causal mask, "eager" the
-        additive one in the model's dtype, "flash_attention_*" none at all (HF's flash path splits packed rows
-        by the restarting position_ids itself; not verified on CPU here)."""
+        additive one in the model's dtype, "flex_attention" a FlexAttention BlockMask of the same boundaries,
+        "flash_attention_*" none at all (HF's flash path splits packed rows by the restarting position_ids itself;
+        not verified on CPU here)."""
         impl = getattr(model.config, "_attn_implementation", None) or "sdpa"
+        if impl == "flex_attention":  # a BlockMask: no quadratic mask, empty blocks skipped (long packed rows)
+            return document_block_mask(position_ids)
         if impl == "sdpa":
             return packed_causal_mask(position_ids)
         if impl == "eager":
             return packed_causal_mask(position_ids, dtype=model.dtype)
         if impl.startswith("flash_attention"):
             return None
-        raise ValueError(f"teacher attention {impl!r} has no packed-document mask here; use sdpa, eager or flash")
+        raise ValueError(
+            f"teacher attention {impl!r} has no packed-document mask here; use sdpa, eager, flex_attention or flash"
+        )
 
     def forward_inputs(self, model: nn.Module, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Keyword arguments for the teacher's forward on a packed batch (`input_ids`; `position_ids` restarting

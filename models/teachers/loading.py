@@ -102,6 +102,15 @@ def load_teacher_config(name_or_path: str, trust_remote_code: bool = False) -> P
     return AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
 
 
+def resolve_attn_implementation(name: str) -> str:
+    """`auto`: FlexAttention where CUDA is available (packed documents through a BlockMask: no quadratic mask, empty
+    blocks skipped; models/documents.py), SDPA elsewhere (FlexAttention has no CPU backward and runs unfused
+    there). Any other name is transformers' own."""
+    if name != "auto":
+        return name
+    return "flex_attention" if torch.cuda.is_available() else "sdpa"
+
+
 def load_teacher(
     name_or_path: str,
     dtype: torch.dtype | str = torch.float32,
@@ -115,6 +124,7 @@ def load_teacher(
     spec = describe_teacher(load_teacher_config(name_or_path, trust_remote_code))
     check_weight_files(name_or_path)
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    attn_implementation = resolve_attn_implementation(attn_implementation)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             name_or_path,

@@ -241,3 +241,24 @@ def test_unsupported_architecture_names_the_supported_ones(tmp_path):
     GPT2LMHeadModel(config).save_pretrained(tmp_path / "gpt2")
     with pytest.raises(ValueError, match="is not supported; supported: "):  # before any weight is read
         load_teacher(str(tmp_path / "gpt2"))
+
+
+def test_flex_attention_teachers_get_the_same_documents_through_a_block_mask(tmp_path):
+    """`teacher.attn_implementation=flex_attention` (what `auto` picks on CUDA): the packed batch's documents are
+    kept apart by a BlockMask, with the dense-mask SDPA teacher's logits (checked against documents run alone
+    above) as the reference. Forward only (FlexAttention has no CPU backward); CPU compiles it once."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    sdpa, _ = saved_teacher("llama", tmp_path, attn_implementation="sdpa")
+    flex, _ = load_teacher(str(tmp_path / "llama"), attn_implementation="flex_attention")
+    assert flex.config._attn_implementation == "flex_attention"
+    batch, _ = packed_batch()
+    inputs = adapter_for(flex).forward_inputs(flex, batch)
+    assert isinstance(inputs["attention_mask"], BlockMask)
+    with torch.no_grad():
+        expected = adapter_for(sdpa).logits(sdpa, batch)
+        got = flex(**inputs).logits
+        leaky = flex(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
+    err, leak = (got - expected).abs().max().item(), (leaky - expected).abs().max().item()
+    print(f"flex_attention teacher vs dense-mask sdpa: max abs diff {err:.1e} (position ids only: {leak:.1e})")
+    assert err < 1e-4 and leak > 1e3 * max(err, 1e-7)
