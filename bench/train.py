@@ -36,11 +36,13 @@ from bench.common import environment, median, record, stamp, sync
 from data.batch import collate_rows
 from models import HybridForCausalLM
 from models.compile import set_compile
+from models.documents import DOCUMENT_MASKINGS
 from models.flops import attention_context, teacher_step_flops
 from models.init.student_config import build_student_config
 from models.kernels import limit_autotune_configs
 from models.sizes import LLAMA_3_1_8B, LLAMA_3_2_1B, LLAMA_3_2_3B, TINY_LLAMA
 from models.teachers import adapter_for, describe_teacher
+from models.teachers.loading import resolve_attn_implementation
 from train.config import StudentConfig, compose_config, student_init_kwargs, typed_config
 from train.losses import ILDLossConfig, KDLossConfig
 from train.runtime.deepspeed_strategy import offloads_optimizer
@@ -89,9 +91,13 @@ def student_settings(preset: str) -> dict:
     return {k: v for k, v in kwargs.items() if k not in ("rope_pairs", "conv_init", "mixer_init")}
 
 
-def build_teacher(name: str, device: torch.device, dtype: torch.dtype, trainable: bool = False) -> LlamaForCausalLM:
-    """A random-weight Llama of a named size, built directly on the device (an 8B in fp32 on the host is slow)."""
-    config = LlamaConfig(**TEACHERS[name], attn_implementation="sdpa")
+def build_teacher(
+    name: str, device: torch.device, dtype: torch.dtype, trainable: bool = False, masking: str = "dense"
+) -> LlamaForCausalLM:
+    """A random-weight Llama of a named size, built directly on the device (an 8B in fp32 on the host is slow).
+    `masking` (models/documents.py DOCUMENT_MASKINGS): packed documents through SDPA's dense mask or a BlockMask."""
+    attn = {"dense": "sdpa", "flex": "flex_attention"}.get(masking) or resolve_attn_implementation(masking)
+    config = LlamaConfig(**TEACHERS[name], attn_implementation=attn)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
@@ -102,12 +108,13 @@ def build_teacher(name: str, device: torch.device, dtype: torch.dtype, trainable
     return model.train() if trainable else model.eval().requires_grad_(False)
 
 
-def build_student(preset: str, device: torch.device) -> HybridForCausalLM:
+def build_student(preset: str, device: torch.device, masking: str = "auto") -> HybridForCausalLM:
     """The preset's student shape (from its own teacher's config), random weights, fp32 master weights, with the
     preset's activation checkpointing (student.gradient_checkpointing, as train/pipeline.py applies it)."""
     name = "smoke" if preset == "smoke" else PRESET_TEACHER[preset]
     spec = describe_teacher(LlamaConfig(**TEACHERS[name], architectures=["LlamaForCausalLM"]))
     config = build_student_config(spec, **student_settings(preset))
+    config.document_masking = masking
     with torch.device(device):
         student = HybridForCausalLM(config)
     if preset != "smoke" and preset_student(preset).gradient_checkpointing:
@@ -160,12 +167,13 @@ class TeacherCE(L.LightningModule):
 
 
 def make_module(
-    stage: str, preset: str, teacher_name: str, device: torch.device, kd_triton: bool = True
+    stage: str, preset: str, teacher_name: str, device: torch.device, kd_triton: bool = True, masking: str = "auto"
 ) -> L.LightningModule:
     if stage == "teacher_ce":
-        return TeacherCE(build_teacher(teacher_name, device, torch.float32, trainable=True))
-    teacher = build_teacher(teacher_name, device, torch.bfloat16 if device.type == "cuda" else torch.float32)
-    student = build_student(preset, device)
+        return TeacherCE(build_teacher(teacher_name, device, torch.float32, trainable=True, masking=masking))
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    teacher = build_teacher(teacher_name, device, dtype, masking=masking)
+    student = build_student(preset, device, masking)
     if stage == "kd":
         return KDModule(student, teacher, OPTIM, KDLossConfig(chunk_tokens=4096, use_triton=kd_triton))
     if stage == "ild":
@@ -225,7 +233,7 @@ def trainer_run(args, stage: str, data: SyntheticPacked) -> dict | None:
             total = torch.cuda.get_device_properties(device).total_memory
             torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_cap_gib * 2**30 / total), device)
     print(f"[{stamp()}] building {stage} models", flush=True)
-    module = make_module(stage, args.preset, args.teacher, device, not args.kd_torch)
+    module = make_module(stage, args.preset, args.teacher, device, not args.kd_torch, args.masking)
     print(f"[{stamp()}] built; Trainer starts", flush=True)
     timer = StepTimer(args.warmup)
     kernels = SDPAKernelReport()  # which SDPA kernels a step runs: a math fallback shows up in the results
@@ -260,6 +268,7 @@ def trainer_run(args, stage: str, data: SyntheticPacked) -> dict | None:
         "accumulate_grad_batches": args.accumulate,
         "memory_cap_gib": args.memory_cap_gib,
         "seq_len": args.seq,
+        "document_masking": args.masking,
         "teacher": args.teacher,
         "step_ms": 1e3 * step,
         "data_wait_ms": 1e3 * median(timer.data),
@@ -277,7 +286,7 @@ def trainer_run(args, stage: str, data: SyntheticPacked) -> dict | None:
 def breakdown(args, stage: str, data: SyntheticPacked, profile: bool, module: L.LightningModule | None = None) -> dict:
     """One GPU, the module's pieces in a plain loop (bf16 autocast, AdamW as in training), timed with CUDA events."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    module = module or make_module(stage, args.preset, args.teacher, device, not args.kd_torch)
+    module = module or make_module(stage, args.preset, args.teacher, device, not args.kd_torch, args.masking)
     params = [p for p in module.parameters() if p.requires_grad]
     optimizer = adamw_cosine(params, **OPTIM)["optimizer"]
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
@@ -353,7 +362,7 @@ def breakdown(args, stage: str, data: SyntheticPacked, profile: bool, module: L.
 def largest_micro_batch(args, stage: str, sizes: tuple[int, ...] = (8, 12, 16, 24, 32, 48, 64)) -> dict:
     """Grow the micro-batch (one model, plain 1-GPU loop) until a step runs out of memory."""
     fits: dict[int, float | None] = {}
-    module = make_module(stage, args.preset, args.teacher, torch.device("cuda"))
+    module = make_module(stage, args.preset, args.teacher, torch.device("cuda"), masking=args.masking)
     for batch in sizes:
         try:
             sub = argparse.Namespace(**{**vars(args), "micro_batch": batch, "warmup": 1, "steps": 1})
@@ -394,6 +403,12 @@ def main() -> None:
     parser.add_argument("--micro-batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--doc-len", type=int, default=700, help="mean document length in the packed rows")
+    parser.add_argument(
+        "--masking",
+        default="auto",
+        choices=list(DOCUMENT_MASKINGS),
+        help="packed documents: dense masks, FlexAttention block masks, or auto (flex on CUDA)",
+    )
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--devices", type=int, default=1)
