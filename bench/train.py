@@ -461,7 +461,7 @@ def main() -> None:
     suffix += "/kd_torch" if args.kd_torch else ""
     suffix += "/compiled" if args.compile else ""
     suffix += "/light_autotune" if args.light_autotune else ""
-    if args.seq != 2048 or args.masking != "auto":  # long-context rows (keys of earlier 2K results unchanged)
+    if args.seq > 2048 or args.masking != "auto":  # long-context rows (keys of earlier 2K results unchanged)
         suffix += f"/seq{args.seq}/doc{args.doc_len}/{args.masking}"
     for stage in args.stages.split(","):
         if not args.skip_trainer:
