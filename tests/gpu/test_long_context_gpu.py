@@ -6,7 +6,7 @@ at 8K tokens with documents that span blocks. Errors are printed before the asse
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from models.sizes import ZEBRA_1B_MAMBA, ZEBRA_1B_MLA
+from models.sizes import TINY_LLAMA, ZEBRA_1B_MAMBA, ZEBRA_1B_MLA
 from models.teachers import adapter_for
 from tests.models.tiny import rel_err, tiny_model
 
@@ -53,21 +53,15 @@ def test_student_block_masks_equal_dense_masks_at_8k():
 
 
 def test_teacher_flex_attention_equals_the_dense_mask_at_8k():
-    config = LlamaConfig(
-        vocab_size=1000,
-        hidden_size=512,
-        intermediate_size=1024,
-        num_hidden_layers=2,
-        num_attention_heads=8,
-        num_key_value_heads=2,
-        max_position_embeddings=LENGTH,
-    )
+    shape = {**TINY_LLAMA, "hidden_size": 512, "intermediate_size": 1024, "num_attention_heads": 8, "head_dim": 64}
+    config = LlamaConfig(**{**shape, "num_hidden_layers": 2, "max_position_embeddings": LENGTH})
     torch.manual_seed(0)
     sdpa = LlamaForCausalLM._from_config(config, attn_implementation="sdpa", dtype=torch.bfloat16).to(DEVICE).eval()
     flex = LlamaForCausalLM._from_config(config, attn_implementation="flex_attention", dtype=torch.bfloat16)
     flex = flex.to(DEVICE).eval()
     flex.load_state_dict(sdpa.state_dict())
-    batch = {"input_ids": torch.randint(0, 1000, (len(DOCS), LENGTH), device=DEVICE), "position_ids": _positions()}
+    ids = torch.randint(0, TINY_LLAMA["vocab_size"], (len(DOCS), LENGTH), device=DEVICE)
+    batch = {"input_ids": ids, "position_ids": _positions()}
     with torch.no_grad():
         expected = adapter_for(sdpa).logits(sdpa, batch).float()
         got = adapter_for(flex).logits(flex, batch).float()
