@@ -151,10 +151,10 @@ def test_boundary_helpers():
     assert mask[1, 0, 5].tolist() == [True] * 6 + [False] * 2
     with pytest.raises(ValueError, match="start every row with 0"):
         seq_idx(torch.tensor([[1, 2, 0]]))
-    flex = torch.nn.Module()
-    flex.config = type("C", (), {"_attn_implementation": "flex_attention"})()
-    with pytest.raises(ValueError, match="teacher attention 'flex_attention' has no packed-document mask"):
-        ADAPTERS["llama"].forward_inputs(flex, {"input_ids": pos, "position_ids": pos})
+    unknown = torch.nn.Module()
+    unknown.config = type("C", (), {"_attn_implementation": "paged_attention"})()
+    with pytest.raises(ValueError, match="teacher attention 'paged_attention' has no packed-document mask"):
+        ADAPTERS["llama"].forward_inputs(unknown, {"input_ids": pos, "position_ids": pos})
     flash = ADAPTERS["llama"].forward_inputs(
         type("M", (), {"config": flash_cfg})(), {"input_ids": pos, "position_ids": pos}
     )

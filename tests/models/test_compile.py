@@ -79,10 +79,16 @@ def test_a_batch_of_another_length_still_matches_eager(compiled_on_cpu):
         assert rel_err(grad, eager_grads[name]) < 1e-4, name
 
 
-def test_past_the_recompile_limit_new_variants_run_eagerly(compiled_on_cpu, monkeypatch, caplog):
+def test_past_the_recompile_limit_new_variants_run_eagerly(compiled_on_cpu, caplog):
     # ILD (frozen norms, detached inputs), KD, DPO's lengths and dtypes each add variants; fullgraph would raise
     # at Dynamo's recompile_limit. Here the limit is 1: the second length must still give eager's values.
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    # (config.patch, not monkeypatch.setattr: Dynamo's config module must see its own restore, or later
+    # torch.compile users, FlexAttention among them, find the key gone.)
+    with torch._dynamo.config.patch(recompile_limit=1):
+        _past_the_limit(caplog)
+
+
+def _past_the_limit(caplog) -> None:
     model = tiny_model().train()
     ids, positions = _packed_batch(model)
     _loss_and_grads(model, ids, positions)

@@ -50,16 +50,15 @@ def test_single_layer_packed_equals_documents_alone(mixer):
 def test_whole_model_packed_equals_documents_alone(masking):
     model = tiny_model(mixers=("mla", "mamba", "mamba", "mla"), document_masking=masking)
     ids = torch.randint(0, 97, (2, LENGTH))
-    torch.set_grad_enabled(False)  # FlexAttention has no CPU backward: forward only here, gradients on the GPU
-    packed = model(ids, position_ids=_packed_positions()).logits
-    worst = 0.0
-    for row, docs in enumerate(DOC_LENGTHS):
-        start = 0
-        for n in docs:
-            alone = model(ids[row : row + 1, start : start + n]).logits
-            worst = max(worst, rel_err(packed[row, start : start + n], alone[0]))
-            start += n
-    torch.set_grad_enabled(True)
+    with torch.no_grad():  # FlexAttention has no CPU backward: forward only here, gradients on the GPU
+        packed = model(ids, position_ids=_packed_positions()).logits
+        worst = 0.0
+        for row, docs in enumerate(DOC_LENGTHS):
+            start = 0
+            for n in docs:
+                alone = model(ids[row : row + 1, start : start + n]).logits
+                worst = max(worst, rel_err(packed[row, start : start + n], alone[0]))
+                start += n
     print(f"hybrid model, {masking} masks: max rel err packed vs alone {worst:.2e}")
     assert worst < 1e-5
 
