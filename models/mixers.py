@@ -11,11 +11,12 @@ from typing import Any
 
 from torch import nn
 
+from .mixer_gdn import GDN_KIND
 from .mixer_kind import MixerKind
 from .mixer_mamba2 import MAMBA2_KIND
 from .mixer_mla import MLA_KIND
 
-MIXERS: dict[str, MixerKind] = {kind.name: kind for kind in (MLA_KIND, MAMBA2_KIND)}
+MIXERS: dict[str, MixerKind] = {kind.name: kind for kind in (MLA_KIND, MAMBA2_KIND, GDN_KIND)}
 
 # `student.mla_layers` (the outside contract) places PLACED_KIND; every other layer is FILL_KIND. SMART scores how
 # much the placed kind is worth per layer, and budgets count its cache bytes.

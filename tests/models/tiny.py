@@ -6,11 +6,13 @@ from models import HybridConfig, HybridForCausalLM
 
 
 def tiny_config(mixers=("mla", "mamba", "mla", "mamba"), **overrides) -> HybridConfig:
-    """A small hybrid whose shapes exercise every code path: GQA (4 heads, 2 KV heads), Mamba chunks of 8."""
+    """A small hybrid whose shapes exercise every code path: GQA (4 heads, 2 KV heads), Mamba / GDN chunks of 8."""
     mla = dict(kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=16)
     mamba = dict(d_state=16, headdim=16, chunk_size=8)
+    gdn = dict(head_k_dim=16, head_v_dim=16, chunk_size=8)
     mla.update(overrides.pop("mla", {}))
     mamba.update(overrides.pop("mamba", {}))
+    gdn.update(overrides.pop("gdn", {}))
     kwargs = dict(
         vocab_size=97,
         hidden_size=64,
@@ -21,6 +23,7 @@ def tiny_config(mixers=("mla", "mamba", "mla", "mamba"), **overrides) -> HybridC
         mixer_types=list(mixers),
         mla=mla,
         mamba=mamba,
+        gdn=gdn,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
     )
     kwargs.update(overrides)
@@ -34,10 +37,15 @@ def tiny_model(dtype=torch.float32, **kwargs) -> HybridForCausalLM:
 
 
 def _randomize_mamba(model: HybridForCausalLM) -> None:
-    """Larger dt and varied D so state carried across tokens (and documents) matters in the outputs."""
+    """Larger dt and varied D so state carried across tokens (and documents) matters in the outputs; GDN decays of
+    ~0.6-0.99 per token and betas spread over (0, 1)."""
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith("dt_bias"):
+            if name.endswith("gdn.A_log"):
+                p.uniform_(-3.0, -1.0)
+            elif name.endswith("gdn.b_proj.bias"):
+                p.uniform_(-2.0, 2.0)
+            elif name.endswith("dt_bias"):
                 p.uniform_(-1.0, 1.0)
             elif name.endswith(".D"):
                 p.uniform_(0.5, 1.5)
