@@ -71,9 +71,11 @@ class DistillDataModule(L.LightningDataModule):
         phase: str = "kd",
         rank: int | None = None,
         world_size: int | None = None,
+        keep_stream_index: bool = False,
     ) -> None:
         """`cfg` may be a plain mapping (an untyped DictConfig); `rank`/`world_size` default to the
-        trainer's (or torch.distributed's, or 0/1)."""
+        trainer's (or torch.distributed's, or 0/1); `keep_stream_index`: training batches keep their stream
+        positions (offline KD reads the cached teacher outputs by them), otherwise they are popped."""
         super().__init__()
         self.cfg = cfg.validate() if isinstance(cfg, DataConfig) else DataConfig.from_dict(cfg)
         self._tokenizer_arg = tokenizer
@@ -82,6 +84,7 @@ class DistillDataModule(L.LightningDataModule):
         self.progress = {p: StreamProgress() for p in TRAIN_PHASES}
         self._loaded_state: dict[str, Any] | None = None
         self._rank, self._world_size = rank, world_size
+        self.keep_stream_index = keep_stream_index
         self._layout: dict[str, tuple[int, int, int]] = {}  # phase -> (rank, world size, micro batch)
         self.set_phase(phase)
 
@@ -172,9 +175,9 @@ class DistillDataModule(L.LightningDataModule):
 
     # ---- progress and resume --------------------------------------------------------------------
     def record_consumed(self, batch: Any) -> Any:
-        """Pop `stream_index` from a training batch and advance that phase's progress past it."""
+        """Pop `stream_index` from a training batch (unless kept) and advance that phase's progress past it."""
         if isinstance(batch, dict) and "stream_index" in batch:
-            first = int(batch.pop("stream_index")[0])
+            first = int((batch["stream_index"] if self.keep_stream_index else batch.pop("stream_index"))[0])
             rank, world, b = self._layout[self.phase]
             progress = self.progress[self.phase]
             progress.consumed = max(progress.consumed, consumed_after(first, rank, world, b))

@@ -13,7 +13,6 @@ import contextlib
 import json
 import logging
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -21,13 +20,13 @@ import lightning as L
 from transformers import AutoTokenizer
 
 from models.compile import set_compile
-from models.gguf import find_gguf, gguf_cache_dir
-from models.teachers import TeacherLoadError, load_teacher, resolve_teacher_path
-from train.config import TINY_TEACHER, TrainConfig, typed_config
+from train.config import TrainConfig, typed_config
+from train.runtime.memory_preflight import check_memory
 from train.runtime.ranks import is_rank_zero, wait_for_file
 from train.runtime.rerun import check_rerun, record_stage_settings, restart, wait_for_restart
 from train.runtime.run_lock import RunLock
-from train.runtime.tiny_teacher import ensure_tiny_teacher, tiny_teacher_dir
+from train.runtime.teacher_cache import open_teacher_cache
+from train.runtime.teachers import resolve_teacher
 from train.runtime.tracking import Tracker
 from train.stages import stage
 from train.stages.context import Context, initialized_student_dir, write_json
@@ -41,8 +40,6 @@ def run(cfg: Any, callbacks: dict[str, list] | None = None) -> dict:
     """Run the configured stages; returns the report. `cfg`: the composed config or a TrainConfig;
     `callbacks`: extra Lightning callbacks per stage."""
     cfg = typed_config(cfg)
-    if cfg.kd.teacher_name_or_path:
-        raise ValueError("kd.teacher_name_or_path (a separate, larger KD teacher) is not supported yet: set it to null")
     out = Path(cfg.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     # One run per output_dir (train/runtime/run_lock.py): rank 0 holds the lock; the run's other ranks share it.
@@ -50,6 +47,8 @@ def run(cfg: Any, callbacks: dict[str, list] | None = None) -> dict:
         # What the folder holds must be what this config continues (train/runtime/rerun.py), checked before
         # anything loads; restart_from moves the stages it redoes aside.
         check_rerun(cfg, out)
+        # Will the training stages fit the GPU (train/runtime/memory_preflight.py)? Before any weights load.
+        check_memory(cfg)
         restart(cfg, out) if is_rank_zero() else wait_for_restart(cfg, out)
         return _run(cfg, out, callbacks or {})
 
@@ -58,6 +57,8 @@ def _run(cfg: TrainConfig, out: Path, callbacks: dict[str, list]) -> dict:
     L.seed_everything(cfg.seed, workers=True)
     set_compile(cfg.student.compile)  # CUDA training steps only (models/compile.py)
     ctx = _load(cfg, out, callbacks)
+    if "kd" in cfg.stages and cfg.kd.teacher_cache and not (ctx.stage_dir("kd") / "done.json").exists():
+        open_teacher_cache(cfg, ctx.tokenizer)  # a stale or incomplete cache stops the run before any stage trains
     report_path = out / "report.json"
     report = ctx.report
     # One W&B run for all stages (resumed by a rerun), finished when the block ends; a no-op for other loggers.
@@ -92,30 +93,14 @@ def _run(cfg: TrainConfig, out: Path, callbacks: dict[str, list]) -> dict:
 
 
 def _load(cfg: TrainConfig, out: Path, callbacks: dict[str, list]) -> Context:
-    """The teacher (trained first when it is the tiny one; a GGUF teacher dequantized once into a cached Hugging
-    Face directory: rank 0 writes, the others wait), its tokenizer and the report so far."""
-    teacher_path = cfg.teacher.name_or_path
-    if teacher_path == TINY_TEACHER:
-        if not is_rank_zero():
-            wait_for_file(tiny_teacher_dir(asdict(cfg.teacher.tiny), cfg.data) / "config.json", "the tiny teacher")
-        teacher_path = str(ensure_tiny_teacher(asdict(cfg.teacher.tiny), cfg.data, cfg.seed))
-    gguf = find_gguf(teacher_path)
-    if gguf is not None and not is_rank_zero():
-        wait_for_file(gguf_cache_dir(gguf) / "config.json", "the GGUF teacher")
-    teacher_path = resolve_teacher_path(teacher_path)
-    try:
-        teacher, spec = load_teacher(
-            teacher_path,
-            dtype=cfg.teacher.dtype,
-            trust_remote_code=cfg.teacher.trust_remote_code,
-            attn_implementation=cfg.teacher.attn_implementation,
-        )
-    except TeacherLoadError as error:
-        if gguf is None:
-            raise
-        raise TeacherLoadError(f"{error} (the dequantized copy of {gguf}; the .gguf file itself is damaged)") from error
+    """The teacher as a loadable directory (trained first when it is the tiny one; a GGUF teacher dequantized once
+    into a cached Hugging Face directory: rank 0 writes, the others wait), its tokenizer and the report so far. The
+    stages load the teachers' weights on first use (train/stages/context.py)."""
+    teacher_path = resolve_teacher(cfg.teacher.name_or_path, cfg)
     tokenizer = AutoTokenizer.from_pretrained(cfg.data.tokenizer or teacher_path, trust_remote_code=False)
     report_path = out / "report.json"
     report = json.loads(report_path.read_text()) if report_path.exists() else {"stage_seconds": {}}
     report.update({"teacher": teacher_path, "output_dir": str(out)})
-    return Context(cfg, out, teacher, spec, teacher_path, tokenizer, report, callbacks)
+    if cfg.kd.teacher_name_or_path is not None:
+        report["kd_teacher"] = cfg.kd.teacher_name_or_path
+    return Context(cfg, out, teacher_path, tokenizer, report, callbacks)

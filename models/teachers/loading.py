@@ -6,13 +6,16 @@ seconds, and local weight files are checked before `from_pretrained` reads them.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from ..errors import first_line
 from ..teacher_spec import TeacherSpec
+from .adapter import rope_parameters
 from .registry import describe_teacher
 
 
@@ -88,18 +91,56 @@ def resolve_teacher_path(name_or_path: str, cache_root: Path | None = None) -> s
     return str(materialize_gguf_teacher(gguf, cache_root, name_or_path=name_or_path))
 
 
-def load_teacher_config(name_or_path: str, trust_remote_code: bool = False) -> PretrainedConfig:
+def load_teacher_config(
+    name_or_path: str, trust_remote_code: bool = False, rope_scaling: Mapping[str, Any] | None = None
+) -> PretrainedConfig:
     """The teacher's config (Hub id, local dir or GGUF), with a clear error for paths that hold no model. A GGUF's
-    config comes from its metadata, without dequantizing (the same config its materialized directory gets)."""
+    config comes from its metadata, without dequantizing (the same config its materialized directory gets).
+    `rope_scaling` (teacher.rope_scaling) extends its context (`apply_rope_scaling`)."""
     from ..gguf import find_gguf, gguf_config
 
     gguf = find_gguf(name_or_path)
     if gguf is not None:
-        return gguf_config(gguf, name_or_path=name_or_path)
+        return apply_rope_scaling(gguf_config(gguf, name_or_path=name_or_path), rope_scaling)
     path = Path(name_or_path)
     if path.exists() and not (path / "config.json").is_file():
         raise FileNotFoundError(f"teacher.name_or_path={name_or_path!r} is a path without a config.json")
-    return AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    return apply_rope_scaling(config, rope_scaling)
+
+
+SCALED_ROPE_TYPES = ("linear", "yarn")  # what teacher.rope_scaling may set (both need only a factor)
+
+
+def apply_rope_scaling(config: PretrainedConfig, scaling: Mapping[str, Any] | None) -> PretrainedConfig:
+    """Train past the teacher's pretraining length: `scaling` ({rope_type: yarn | linear, factor: > 1, and the
+    type's optional keys}) becomes its RoPE, and max_position_embeddings grows by `factor`. The student inherits
+    the teacher's RoPE, so both see the same positions. A teacher whose RoPE is already scaled is refused: its
+    max_position_embeddings is its limit."""
+    if not scaling:
+        return config
+    scaling = check_rope_scaling(scaling)
+    current = rope_parameters(config)
+    if current["rope_type"] != "default":
+        raise ValueError(
+            f"teacher.rope_scaling: the teacher's RoPE is already scaled ({current['rope_type']}); its "
+            f"max_position_embeddings {config.max_position_embeddings} is the limit"
+        )
+    original = config.max_position_embeddings
+    config.rope_parameters = {**current, **scaling, "original_max_position_embeddings": original}
+    config.max_position_embeddings = int(original * scaling["factor"])
+    return config
+
+
+def check_rope_scaling(scaling: Mapping[str, Any]) -> dict[str, Any]:
+    """teacher.rope_scaling as a dict, or a ValueError naming the offending key and what is allowed."""
+    scaling = dict(scaling)
+    kind, factor = scaling.get("rope_type"), scaling.get("factor")
+    if kind not in SCALED_ROPE_TYPES:
+        raise ValueError(f"teacher.rope_scaling.rope_type={kind!r} is invalid; allowed: {list(SCALED_ROPE_TYPES)}")
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor > 1:
+        raise ValueError(f"teacher.rope_scaling.factor={factor!r} is invalid; allowed: a number > 1")
+    return scaling
 
 
 def resolve_attn_implementation(name: str) -> str:
@@ -117,17 +158,20 @@ def load_teacher(
     device: torch.device | str = "cpu",
     trust_remote_code: bool = False,
     attn_implementation: str = "sdpa",
+    rope_scaling: Mapping[str, Any] | None = None,
 ) -> tuple[PreTrainedModel, TeacherSpec]:
     """Load a supported teacher frozen in eval mode; the architecture is checked before the weights. A GGUF teacher
     loads from its materialized directory (`resolve_teacher_path`)."""
     name_or_path = resolve_teacher_path(name_or_path)
-    spec = describe_teacher(load_teacher_config(name_or_path, trust_remote_code))
+    config = load_teacher_config(name_or_path, trust_remote_code, rope_scaling)
+    spec = describe_teacher(config)
     check_weight_files(name_or_path)
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     attn_implementation = resolve_attn_implementation(attn_implementation)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             name_or_path,
+            config=config,
             dtype=dtype,
             trust_remote_code=trust_remote_code,
             attn_implementation=attn_implementation,

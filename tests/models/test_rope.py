@@ -61,3 +61,35 @@ def test_default_rope_and_rotation_match_llama_attention():
 def test_unknown_rope_type_is_refused():
     with pytest.raises(ValueError, match="rope_type='dynamic' is not supported"):
         rope_inv_freq({"rope_type": "dynamic", "factor": 2.0}, 64, 2048)
+
+
+def test_a_scaled_teacher_and_its_student_see_the_same_positions(tmp_path):
+    """teacher.rope_scaling: the teacher's HF rotary embedding and the student built from its spec give the same
+    cos/sin past the pretraining length (yarn x4 of 64 positions), and both differ from the unscaled RoPE there."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from models import HybridForCausalLM
+    from models.init.student_config import build_student_config
+    from models.teachers import load_teacher
+
+    config = LlamaConfig(
+        vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64,
+    )  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(tmp_path)
+    positions = torch.arange(256)[None]
+    x = torch.zeros(1, 256, 64)
+    results = {}
+    for name, scaling in (("plain", None), ("yarn", {"rope_type": "yarn", "factor": 4.0})):
+        teacher, spec = load_teacher(str(tmp_path), rope_scaling=scaling)
+        mla = dict(kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=16)
+        student = HybridForCausalLM(build_student_config(spec, mla_layers=[0], mla=mla))
+        cos_t, sin_t = teacher.model.rotary_emb(x, positions)  # (1, T, head_dim): halves repeated
+        cos_s, sin_s = student.model.rope(positions)  # (1, T, head_dim / 2) (+ the attention scaling)
+        half = cos_t.shape[-1] // 2
+        err = max((cos_t[..., :half] - cos_s).abs().max().item(), (sin_t[..., :half] - sin_s).abs().max().item())
+        print(f"{name}: max positions {spec.max_position_embeddings}, teacher vs student cos/sin max diff {err:.1e}")
+        assert err < 1e-5
+        results[name] = cos_s
+    assert spec.max_position_embeddings == 256
+    assert (results["yarn"][0, 100:] - results["plain"][0, 100:]).abs().max() > 1e-2

@@ -174,7 +174,7 @@ def test_hub_teachers_are_not_fetched(monkeypatch):
         (["student.mla.rope_pairs=random"], ["student.mla.rope_pairs='random'", "energy"]),
         # student.layers, the general map (the tiny preset's own map is student.mla_layers=[0, 2])
         (["student.layers=[mla,mamba,mamba,mla]"], ["student.layers=", "student.mla_layers=all"]),
-        (["student.mla_layers=all", "student.layers=[mla,mamba,gdn,mla]"], ["student.layers contains ['gdn']", "mla"]),
+        (["student.mla_layers=all", "student.layers=[mla,mamba,gru,mla]"], ["student.layers contains ['gru']", "mla"]),
         (["student.mla_layers=all", "student.layers=[mla,mamba]"], ["student.layers has 2 entries", "4"]),
         (["student.mla_layers=all", "student.layers={0:mla,7:mla}"], ["student.layers names layers [7]", "0..3"]),
         (["student.mla_layers=all", "student.layers=mla"], ["student.layers='mla'", "a map {layer: kind}"]),
@@ -336,3 +336,58 @@ def test_smollm2_preset_fits_its_teacher_within_the_kv_budget(tmp_path):
     teacher = 30 * 2 * 3 * 64
     assert cfg.student.mla_layers == "smart" and "select" in cfg.stages
     assert student / teacher == pytest.approx(0.111, abs=1e-3) and student / teacher <= 0.12
+
+
+@pytest.fixture(scope="module")
+def short_teacher(tmp_path_factory) -> Path:
+    """A config.json-only Llama pretrained to 256 positions, RoPE unscaled (as SmolLM2's 8K); head_dim 32 fits the
+    default MLA dims."""
+    from transformers import LlamaConfig
+
+    from models.sizes import TINY_LLAMA
+
+    path = tmp_path_factory.mktemp("short_teacher")
+    shape = {**TINY_LLAMA, "hidden_size": 128, "head_dim": 32, "max_position_embeddings": 256}
+    LlamaConfig(**shape, architectures=["LlamaForCausalLM"]).save_pretrained(path)
+    _add_tokenizer(path)
+    return path
+
+
+def _short(teacher: Path, *extra: str) -> list[str]:
+    return [f"teacher.name_or_path={teacher}", "student.mla_layers=all", "stages=[init]", *extra]
+
+
+def test_seq_len_beyond_the_teachers_positions_needs_rope_scaling(short_teacher):
+    message = _error(_short(short_teacher, "data.seq_len=1024"))
+    assert "data.seq_len=1024" in message and "max_position_embeddings 256" in message
+    assert "teacher.rope_scaling={rope_type:yarn,factor:4}" in message  # what to set, with the factor needed
+    cfg = validate_config(
+        compose_config(_short(short_teacher, "data.seq_len=1024", "teacher.rope_scaling={rope_type:yarn,factor:4}"))
+    )
+    assert cfg.teacher.rope_scaling.as_dict() == {"rope_type": "yarn", "factor": 4.0}
+    message = _error(_short(short_teacher, "data.seq_len=2048", "teacher.rope_scaling={rope_type:yarn,factor:4}"))
+    assert "max_position_embeddings 1024" in message  # 256 x 4: still too short
+
+
+@pytest.mark.parametrize(
+    ("scaling", "expected"),
+    [
+        (
+            "{rope_type:default,factor:4}",
+            "teacher.rope_scaling.rope_type='default' is invalid; allowed: ['linear', 'yarn']",
+        ),
+        ("{rope_type:yarn,factor:0.5}", "teacher.rope_scaling.factor=0.5 is invalid; allowed: a number > 1"),
+        ("{rope_type:yarn}", "teacher.rope_scaling.factor=None is invalid"),
+    ],
+)
+def test_bad_rope_scaling_is_named(short_teacher, scaling, expected):
+    assert expected in _error(_short(short_teacher, f"teacher.rope_scaling={scaling}"))
+
+
+def test_rope_scaling_is_refused_where_it_cannot_apply(teacher_dirs):
+    assert "teacher.rope_scaling" in _error(["conf=tiny", "teacher.rope_scaling={rope_type:yarn,factor:2}"])
+    llama3 = teacher_dirs["meta-llama/Llama-3.2-1B-Instruct"]  # already scaled (llama3 RoPE, 131072 positions)
+    message = _error(
+        ["conf=zebra_1b", f"teacher.name_or_path={llama3}", "teacher.rope_scaling={rope_type:yarn,factor:2}"]
+    )
+    assert "already scaled (llama3)" in message and "131072" in message

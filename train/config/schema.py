@@ -13,7 +13,7 @@ dataclass: `kd.*` is `KDLossConfig` plus the training schedule, `ild.*` is `ILDL
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -21,10 +21,12 @@ from omegaconf import MISSING
 
 from data.config import DataConfig, SourceConfig
 from models import MambaConfig, MLAConfig
+from models.mixer_gdn import GDNConfig
 from train.losses import ILDLossConfig, KDLossConfig
 
 DTYPES = ("float32", "bfloat16", "float16")
-ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3")
+# "auto": flex_attention where CUDA is available (packed documents without a dense mask), sdpa elsewhere.
+ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3")
 PRECISIONS = ("32-true", "32", "bf16-mixed", "bf16-true", "16-mixed", "16-true", "64-true", "64", "bf16", "16")
 ACCELERATORS = ("cpu", "gpu", "cuda", "auto")
 TINY_TEACHER = "tiny"  # teacher.name_or_path that means "train the embedded Llama of shape teacher.tiny"
@@ -52,6 +54,24 @@ class TinyTeacherConfig:
 
 
 @dataclass
+class RopeScalingConfig:
+    """`teacher.rope_scaling`: train past the teacher's max_position_embeddings, e.g. SmolLM2's 8K x 4 = 32K with
+    `teacher.rope_scaling={rope_type:yarn,factor:4}`. The student inherits the scaled RoPE. rope_type null: the
+    teacher's own RoPE (data.seq_len at most its max_position_embeddings)."""
+
+    rope_type: str | None = None  # yarn | linear
+    factor: float | None = None  # > 1: max_position_embeddings grows by it
+    # yarn's optional knobs (transformers' names and defaults when null)
+    attention_factor: float | None = None
+    beta_fast: float | None = None
+    beta_slow: float | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """The set keys, as transformers' rope_parameters take them; {} when no scaling is asked for."""
+        return {k: v for k, v in asdict(self).items() if v is not None} if self.rope_type is not None else {}
+
+
+@dataclass
 class TeacherConfig:
     # "tiny" (the embedded teacher, see `tiny`), a Hub id ("meta-llama/Llama-3.2-1B-Instruct"), a local
     # directory with config.json + weights, or a llama.cpp .gguf file (or a directory holding one), dequantized
@@ -60,6 +80,7 @@ class TeacherConfig:
     dtype: str = "float32"  # float32 | bfloat16 | float16: the frozen teacher's weights and forward
     trust_remote_code: bool = False
     attn_implementation: str = "sdpa"  # transformers attention backend of the teacher
+    rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)
     tiny: TinyTeacherConfig = field(default_factory=TinyTeacherConfig)
 
 
@@ -95,6 +116,18 @@ class MambaSettings(MambaConfig):
 
 
 @dataclass
+class GDNSettings(GDNConfig):
+    """`student.gdn`: models.mixer_gdn.GDNConfig (every field, same meaning). Initialization from attention
+    (q <- W_q, k <- W_k, v <- W_v) needs head_k_dim = head_v_dim = the teacher's head_dim; None takes those and the
+    biases from the teacher. Placed by `student.layers` ({3: gdn})."""
+
+    head_k_dim: int | None = None  # None: the teacher's head_dim
+    head_v_dim: int | None = None  # None: the teacher's head_dim
+    qkv_bias: bool | None = None  # None: the teacher's q/k/v bias
+    o_bias: bool | None = None  # None: the teacher's o bias
+
+
+@dataclass
 class StudentConfig:
     # Which layers become MLA: a list of indices, "all" or "none"; every other layer is Mamba2. With the
     # `select` stage, the list's length is the number of MLA layers SMART places (unless select says).
@@ -106,6 +139,7 @@ class StudentConfig:
     layers: Any = None
     mla: MLASettings = field(default_factory=MLASettings)
     mamba: MambaSettings = field(default_factory=MambaSettings)
+    gdn: GDNSettings = field(default_factory=GDNSettings)
     gradient_checkpointing: bool = False  # recompute each student block in backward (memory for compute)
     # "attention": MLA by SVD of the teacher's attention, Mamba2 from its Q/K/V/O (the recipe); "random": mixers
     # from the model's own initializer, MLPs / norms / embeddings still copied (the ablation baseline)
@@ -161,8 +195,17 @@ class KDConfig(KDLossConfig, TrainingSchedule):
     """End-to-end distillation against the teacher's logits. The loss settings (divergence, jsd_beta,
     temperature, scale_by_t2, kl_weight, ce_weight, chunk_tokens, use_triton) are train/losses/kd.py's KDLossConfig."""
 
-    # A (larger) KD teacher sharing the tokenizer, e.g. meta-llama/Llama-3.1-8B-Instruct; None: `teacher`.
+    # A separate (larger) KD teacher: a Hub id, local directory or .gguf, loaded as `teacher` is, for the kd stage
+    # only (init and ILD use `teacher`), e.g. meta-llama/Llama-3.1-8B-Instruct as in Zebra-Llama. It must share the
+    # data's tokenizer (checked before any weights load, train/config/tokenizers.py); where only its padded
+    # embedding rows differ, KD runs on the shared vocabulary. None: `teacher`.
     teacher_name_or_path: str | None = None
+    teacher_dtype: str | None = None  # float32 | bfloat16 | float16 of the KD teacher; None: teacher.dtype
+    # Offline KD: a directory written by `python -m train.teacher_cache` (the KD teacher's top-k log-probs per token
+    # of the KD stream, train/runtime/teacher_cache.py); kd then distills from it and loads no teacher. None: live.
+    teacher_cache: str | None = None
+    teacher_cache_k: int = 64  # tokens per position the cache keeps; the rest lumped (train/losses/kd_topk.py)
+    teacher_cache_dtype: str = "float32"  # float32 | float16 of the stored log-probs
 
 
 @dataclass
@@ -216,6 +259,10 @@ class TrainerConfig:
     log_every_n_steps: int = 10
     deterministic: Any = False  # true | false | "warn"
     enable_progress_bar: bool = True
+    # Not a Trainer argument: the memory of one GPU in GiB for the memory pre-flight (train/runtime/
+    # memory_preflight.py); None: the CUDA device's own on GPU runs, no pre-flight on CPU. Set it to plan for a
+    # GPU from a machine without one, or to hold a run to less than the card has.
+    device_memory_gib: float | None = None
 
 
 @dataclass

@@ -4,6 +4,7 @@ or a Hub config when asked), without loading weights; and the checks of `teacher
 from __future__ import annotations
 
 import re
+from dataclasses import asdict
 from pathlib import Path
 
 from .errors import ConfigError, at_least, choice, fail, one_line
@@ -24,7 +25,7 @@ def teacher_spec(teacher: TeacherConfig, vocab_size: int = 1024, fetch: bool = F
     from models.errors import first_line
     from models.gguf import find_gguf, gguf_config
     from models.teachers import TeacherSpec, describe_teacher
-    from models.teachers.loading import check_weight_files, load_teacher_config
+    from models.teachers.loading import apply_rope_scaling, check_weight_files, load_teacher_config
 
     name = teacher.name_or_path
     if name == TINY_TEACHER:
@@ -54,7 +55,9 @@ def teacher_spec(teacher: TeacherConfig, vocab_size: int = 1024, fetch: bool = F
     try:
         gguf = find_gguf(name)
         if gguf is not None:  # described from the GGUF metadata; nothing is dequantized here
-            return describe_teacher(gguf_config(gguf, name_or_path=name))
+            return describe_teacher(
+                apply_rope_scaling(gguf_config(gguf, name_or_path=name), teacher.rope_scaling.as_dict())
+            )
     except (OSError, ValueError) as e:  # models/gguf.py's messages are whole: the first line, not the chain
         message = first_line(e)
         prefix = "" if message.startswith("teacher.") else f"teacher.name_or_path={name!r}: "
@@ -62,7 +65,9 @@ def teacher_spec(teacher: TeacherConfig, vocab_size: int = 1024, fetch: bool = F
     path = Path(name).expanduser()
     if path.exists():
         try:
-            spec = describe_teacher(load_teacher_config(str(path), teacher.trust_remote_code))
+            spec = describe_teacher(
+                load_teacher_config(str(path), teacher.trust_remote_code, teacher.rope_scaling.as_dict())
+            )
             check_weight_files(str(path), required=False)
             return spec
         except (OSError, ValueError) as e:
@@ -75,7 +80,7 @@ def teacher_spec(teacher: TeacherConfig, vocab_size: int = 1024, fetch: bool = F
     if not fetch:
         return None
     try:
-        return describe_teacher(load_teacher_config(name, teacher.trust_remote_code))
+        return describe_teacher(load_teacher_config(name, teacher.trust_remote_code, teacher.rope_scaling.as_dict()))
     except (OSError, ValueError) as e:
         if (message := _remote_code_message(e, name)) is not None:
             raise ConfigError(message) from e
@@ -126,6 +131,16 @@ def check_teacher(cfg: TrainConfig) -> None:
         fail("teacher.name_or_path", t.name_or_path, TEACHER_CHOICES)
     choice("teacher.dtype", t.dtype, DTYPES)
     choice("teacher.attn_implementation", t.attn_implementation, ATTN_IMPLEMENTATIONS)
+    scaling = {k: v for k, v in asdict(t.rope_scaling).items() if v is not None}
+    if scaling:
+        from models.teachers.loading import check_rope_scaling
+
+        if t.name_or_path == TINY_TEACHER:
+            fail("teacher.rope_scaling", scaling, "unset with the tiny teacher (built for data.seq_len)")
+        try:
+            check_rope_scaling(scaling)
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
     if t.name_or_path == TINY_TEACHER:
         tiny = t.tiny
         for key in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size", "batch_size"):

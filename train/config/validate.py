@@ -30,7 +30,8 @@ from .schema import (
     TrainConfig,
     WandbLoggerConfig,
 )
-from .teacher import check_teacher, check_teacher_tokenizer, is_hub_id, teacher_spec
+from .teacher import check_teacher, check_teacher_tokenizer, teacher_spec
+from .tokenizers import check_kd_teacher
 
 log = logging.getLogger(__name__)
 
@@ -272,10 +273,10 @@ def _check_training(cfg: TrainConfig) -> None:
         fail("kd.jsd_beta", kd.jsd_beta, "a number in (0, 1); use kd.divergence=forward_kl / reverse_kl")
     if kd.kl_weight == 0 and kd.ce_weight == 0:
         fail("kd.kl_weight", kd.kl_weight, "> 0 when kd.ce_weight is 0 (no loss)")
-    if kd.teacher_name_or_path is not None:
-        name = kd.teacher_name_or_path
-        if not Path(name).expanduser().exists() and not is_hub_id(name):
-            fail("kd.teacher_name_or_path", name, "null, an existing local directory or a Hub id 'org/name'")
+    at_least("kd.teacher_cache_k", kd.teacher_cache_k, 1)
+    choice("kd.teacher_cache_dtype", kd.teacher_cache_dtype, ("float32", "float16"))
+    if kd.teacher_cache is not None and kd.resolved_divergence != "forward_kl":
+        fail("kd.divergence", kd.divergence, "forward_kl with kd.teacher_cache (top-k teacher log-probs)")
     _check_optim("dpo", cfg.dpo)
     if not cfg.dpo.beta > 0:
         fail("dpo.beta", cfg.dpo.beta, "a number > 0")
@@ -380,8 +381,12 @@ def validate_config(cfg: Any, fetch_teacher: bool = False) -> TrainConfig:
         fail(
             "data.seq_len",
             c.data.seq_len,
-            f"at most the teacher's max_position_embeddings {spec.max_position_embeddings}",
+            f"at most the teacher's max_position_embeddings {spec.max_position_embeddings}, or set "
+            f"teacher.rope_scaling={{rope_type:yarn,factor:{-(-c.data.seq_len // spec.max_position_embeddings)}}}",
         )
     _check_student(c, spec)
     check_teacher_tokenizer(c)
+    check_kd_teacher(c, fetch_teacher)
+    if c.trainer.device_memory_gib is not None and not c.trainer.device_memory_gib > 0:
+        fail("trainer.device_memory_gib", c.trainer.device_memory_gib, "null (the GPU's own) or a number of GiB > 0")
     return c

@@ -4,6 +4,7 @@ layer-wise ILD loss. Pure functions of tensors and a loss config; nothing here k
 from .ild import ILD_KINDS, ILDLayerLoss, ILDLossConfig, ild_layer_loss, ild_loss
 from .kd import DIVERGENCES, IGNORE_INDEX, KDLossConfig, KDLossOutput, kd_loss
 from .kd_reference import divergence_from_logits, kd_loss_ref
+from .kd_topk import TOPK_DIVERGENCES, check_topk_config, kd_topk_loss, teacher_topk
 
 __all__ = [
     "DIVERGENCES",
@@ -13,9 +14,13 @@ __all__ = [
     "ILDLossConfig",
     "KDLossConfig",
     "KDLossOutput",
+    "TOPK_DIVERGENCES",
+    "check_topk_config",
     "divergence_from_logits",
     "ild_layer_loss",
     "ild_loss",
     "kd_loss",
     "kd_loss_ref",
+    "kd_topk_loss",
+    "teacher_topk",
 ]

@@ -52,6 +52,7 @@ MAY_CHANGE = (
     "trainer.log_every_n_steps",
     "trainer.enable_progress_bar",
     "trainer.deterministic",
+    "trainer.device_memory_gib",  # the memory pre-flight's capacity, not a numeric setting
 )
 MAY_CHANGE_SUFFIXES = (".val_every_n_steps", ".checkpoint_every_n_steps")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
@@ -98,6 +99,12 @@ def stage_settings(cfg: TrainConfig, name: str) -> dict[str, Any]:
     settings = {k: v for k, v in flat.items() if k.split(".")[0] in groups and not _may_change(k)}
     settings["stages before it"] = list(cfg.stages[:index])
     settings["teacher weight files"] = teacher_files(cfg.teacher.name_or_path)
+    if "kd" in groups and cfg.kd.teacher_name_or_path is not None:  # kd.* names it; its files say which one it is
+        settings["kd teacher weight files"] = teacher_files(cfg.kd.teacher_name_or_path)
+    if "kd" in groups and cfg.kd.teacher_cache is not None:  # the path names it; its manifest says what it holds
+        from .teacher_cache import cache_settings
+
+        settings["kd teacher cache"] = cache_settings(cfg)
     return settings
 
 

@@ -81,7 +81,7 @@ def make_trainer(
         # when last.ckpt came from a save outside ModelCheckpoint (preemption, non-finite stop) or an earlier process.
         enable_version_counter=False,
     )
-    args = {k: v for k, v in trainer_cfg.items() if k not in ("gradient_checkpointing",)}
+    args = {k: v for k, v in trainer_cfg.items() if k not in ("gradient_checkpointing", "device_memory_gib")}
     extra = list(extra_callbacks or [])
     defaults = [NonFiniteLossGuard(**(faults or {})), PreemptionCheckpoint(), SDPAKernelReport()]
     if args.get("enable_progress_bar", True):

@@ -4,6 +4,7 @@ LightningModule with resume, the trained weights out of DeepSpeed)."""
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import math
@@ -20,10 +21,12 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from data.config import DataConfig
 from data.datamodule import DistillDataModule
 from models import HybridForCausalLM
-from models.teachers import TeacherSpec
-from train.config import TrainConfig
+from models.teachers import TeacherSpec, describe_teacher, load_teacher_config
+from train.config import ConfigError, TrainConfig
+from train.config.tokenizers import check_same_tokenizer, load_tokenizer
 from train.runtime.deepspeed_strategy import consolidated_state_dict, is_deepspeed, load_consolidated
 from train.runtime.faults import CheckpointError, FaultError
+from train.runtime.teachers import kd_teacher_dtype, load_resolved, resolve_teacher, separate_kd_teacher
 from train.runtime.trainer import make_trainer
 
 from . import STUDENT_STAGES
@@ -35,16 +38,59 @@ log = logging.getLogger(__name__)
 class Context:
     cfg: TrainConfig
     out: Path
-    teacher: PreTrainedModel
-    spec: TeacherSpec
-    teacher_path: str
+    teacher_path: str  # teacher.name_or_path resolved to a Hugging Face directory or Hub id
     tokenizer: PreTrainedTokenizerBase
     report: dict = field(default_factory=dict)
     callbacks: dict[str, list] = field(default_factory=dict)  # extra Lightning callbacks per stage (tests, tools)
+    _loaded: dict[str, tuple[PreTrainedModel, TeacherSpec]] = field(default_factory=dict, repr=False)
 
     @property
     def data_cfg(self) -> DataConfig:
         return self.cfg.data
+
+    @property
+    def teacher(self) -> PreTrainedModel:
+        """`teacher.*`, loaded on first use."""
+        if "teacher" not in self._loaded:
+            cfg = self.cfg
+            self._loaded["teacher"] = load_resolved(
+                self.teacher_path, cfg.teacher.name_or_path, cfg.teacher.dtype, cfg, cfg.teacher.rope_scaling.as_dict()
+            )
+        return self._loaded["teacher"][0]
+
+    @property
+    def spec(self) -> TeacherSpec:
+        """`teacher.*`'s shapes, from its config alone when its weights are not loaded (select needs no weights)."""
+        if "teacher" in self._loaded:
+            return self._loaded["teacher"][1]
+        teacher = self.cfg.teacher
+        return describe_teacher(
+            load_teacher_config(self.teacher_path, teacher.trust_remote_code, teacher.rope_scaling.as_dict())
+        )
+
+    def kd_teacher(self, keep_teacher: bool = False) -> PreTrainedModel:
+        """The teacher KD distills from: `teacher.*`, or the separate kd.teacher_name_or_path, whose tokenizer is
+        checked against the data's before its weights load. Unless `keep_teacher`, the `teacher.*` model is released
+        first, so that the two are not both held."""
+        if not separate_kd_teacher(self.cfg):
+            return self.teacher
+        if "kd" not in self._loaded:
+            if not keep_teacher and self._loaded.pop("teacher", None) is not None:
+                gc.collect()
+                torch.cuda.empty_cache()
+            name = self.cfg.kd.teacher_name_or_path
+            path = resolve_teacher(name, self.cfg)
+            check_same_tokenizer(self.tokenizer, load_tokenizer(path), self.cfg.teacher.name_or_path, name)
+            model, spec = load_resolved(path, name, kd_teacher_dtype(self.cfg), self.cfg)
+            if spec.vocab_size < len(self.tokenizer):
+                raise ConfigError(
+                    f"kd.teacher_name_or_path={name!r} has {spec.vocab_size} embedding rows, fewer than the "
+                    f"{len(self.tokenizer)} ids of the data's tokenizer"
+                )
+            log.info("KD teacher %s: %d vocabulary rows (student: the teacher's %d)", name, spec.vocab_size,
+                     self.spec.vocab_size)  # fmt: skip
+            self._loaded["kd"] = (model, spec)
+        return self._loaded["kd"][0]
 
     def stage_dir(self, stage: str) -> Path:
         return self.out / stage
@@ -60,9 +106,16 @@ class Context:
     def save_student(self, student: HybridForCausalLM, path: Path, dtype: torch.dtype | None = None) -> None:
         save_student(student, path, self.tokenizer, dtype)
 
-    def fit(self, stage: str, module: L.LightningModule, phase: str | None, loaders: dict | None = None) -> L.Trainer:
-        """Train one stage (resuming from its last checkpoint); `phase` picks the distillation stream, or
-        `loaders` (train/val DataLoaders) give another one (DPO's preference pairs)."""
+    def fit(
+        self,
+        stage: str,
+        module: L.LightningModule,
+        phase: str | None,
+        loaders: dict | None = None,
+        datamodule: DistillDataModule | None = None,
+    ) -> L.Trainer:
+        """Train one stage (resuming from its last checkpoint); `phase` picks the distillation stream (`datamodule`
+        one built for it), or `loaders` (train/val DataLoaders) give another one (DPO's preference pairs)."""
         schedule = getattr(self.cfg, stage)
         folder = self.stage_dir(stage)
         trainer, _ = make_trainer(
@@ -83,9 +136,8 @@ class Context:
         if resume:
             log.info("stage %s: resuming from %s", stage, last)
         if phase is not None:
-            trainer.fit(
-                module, datamodule=DistillDataModule(self.data_cfg, self.tokenizer, phase=phase), ckpt_path=resume
-            )
+            datamodule = datamodule or DistillDataModule(self.data_cfg, self.tokenizer, phase=phase)
+            trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
         else:
             trainer.fit(module, loaders["train"], loaders["val"], ckpt_path=resume)
         if trainer.interrupted or trainer.global_step < schedule.max_steps:

@@ -23,9 +23,11 @@ from models.teachers import adapter_for
 from train.config.schema import TrainerConfig
 from train.losses import KDLossConfig, kd_loss
 from train.runtime.plots import plot_losses
+from train.runtime.teachers import separate_kd_teacher
 
 from . import TRAINING_STAGES
 from .context import Context, initialized_student_dir, load_student
+from .kd import shared_vocabulary
 
 log = logging.getLogger(__name__)
 
@@ -121,8 +123,8 @@ def heldout_agreement(
         batch = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
         t_hidden = adapter.final_hidden(teacher, batch)
         s_hidden = student.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).last_hidden_state
-        t_weight = adapter.lm_head(teacher).weight
-        out = kd_loss(s_hidden, student.lm_head.weight, t_hidden, t_weight, shift_labels(batch["labels"]), cfg)
+        s_weight, t_weight = shared_vocabulary(student.lm_head.weight, adapter.lm_head(teacher).weight)
+        out = kd_loss(s_hidden, s_weight, t_hidden, t_weight, shift_labels(batch["labels"]), cfg)
         kl += out.divergence.item() * out.num_tokens
         agree += float(out.top1_agreement) * out.num_tokens
         tokens += out.num_tokens
@@ -160,12 +162,23 @@ def run(ctx: Context) -> dict:
     candidates = [("initialized student", initialized), ("final student", ctx.latest_student_dir())]
     students = {name: load_student(path) for name, path in candidates if (path / "config.json").exists()}
     rows: dict[str, dict] = {}
+    # A separate KD teacher is scored too (row "kd teacher"), and the students against it (kl_to_kd_teacher,
+    # top1_agreement_kd_teacher); the "teacher" row and keys stay those of teacher.*.
+    teachers = {"teacher": ctx.teacher}
+    if separate_kd_teacher(ctx.cfg):
+        teachers["kd teacher"] = ctx.kd_teacher(keep_teacher=True)
     start = time.perf_counter()
-    with placed({"teacher": ctx.teacher, **students}, placement):
-        rows["teacher"] = heldout_loss(ctx.teacher, loader, max_batches)
+    with placed({**teachers, **students}, placement):
+        for name, teacher in teachers.items():
+            rows[name] = heldout_loss(teacher, loader, max_batches)
         for name, student in students.items():
             rows[name] = heldout_loss(student, loader, max_batches)
-            rows[name].update(heldout_agreement(student, ctx.teacher, loader, max_batches, ctx.cfg.kd.chunk_tokens))
+            for teacher_name, teacher in teachers.items():
+                scores = heldout_agreement(student, teacher, loader, max_batches, ctx.cfg.kd.chunk_tokens)
+                if teacher_name != "teacher":
+                    scores = {"kl_to_kd_teacher": scores["kl_to_teacher"], "top1_agreement_kd_teacher": scores[
+                        "top1_agreement"]}  # fmt: skip
+                rows[name].update(scores)
         scored = time.perf_counter()
         prompts = [
             ctx.tokenizer.decode(b["input_ids"][0, :12], skip_special_tokens=True)
@@ -182,10 +195,12 @@ def run(ctx: Context) -> dict:
         seconds["scores"],
         seconds["generations"],
     )
-    rows["teacher"]["params"] = sum(p.numel() for p in ctx.teacher.parameters())
-    rows["teacher"]["kv_bytes_per_token"] = teacher_cache_bytes(
-        ctx.spec.num_layers, ctx.spec.num_kv_heads, ctx.spec.head_dim
-    ).per_token
+    for name, teacher in teachers.items():
+        spec = adapter_for(teacher).describe(teacher.config)
+        rows[name]["params"] = sum(p.numel() for p in teacher.parameters())
+        rows[name]["kv_bytes_per_token"] = teacher_cache_bytes(
+            spec.num_layers, spec.num_kv_heads, spec.head_dim
+        ).per_token
     for name, student in students.items():
         rows[name]["params"] = sum(p.numel() for p in student.parameters())
         rows[name]["kv_bytes_per_token"] = student_cache_bytes(student.config).per_token

@@ -15,10 +15,11 @@ from train.runtime.optim import adamw_cosine
 
 
 class DistillModule(L.LightningModule):
-    def __init__(self, teacher: PreTrainedModel, optim: dict):
+    def __init__(self, teacher: PreTrainedModel | None, optim: dict):
         super().__init__()
-        # Not registered as a submodule: never in state_dict (checkpoints) nor in parameters() (optimizer).
-        object.__setattr__(self, "teacher", teacher.eval().requires_grad_(False))
+        # Not registered as a submodule: never in state_dict (checkpoints) nor in parameters() (optimizer). None:
+        # KD from a teacher cache (train/runtime/teacher_cache.py), no teacher weights loaded.
+        object.__setattr__(self, "teacher", None if teacher is None else teacher.eval().requires_grad_(False))
         self.optim = dict(optim)
         self.tokens_seen = 0
         self._step_start: float | None = None  # when the current training step's batch arrived
@@ -33,11 +34,13 @@ class DistillModule(L.LightningModule):
         return hidden
 
     def on_fit_start(self) -> None:
-        self.teacher.to(self.device)
+        if self.teacher is not None:
+            self.teacher.to(self.device)
         self.train()  # students come from from_pretrained in eval mode; the frozen model is not a submodule
 
     def on_validation_start(self) -> None:
-        self.teacher.to(self.device)
+        if self.teacher is not None:
+            self.teacher.to(self.device)
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
