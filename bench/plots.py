@@ -89,3 +89,44 @@ def plot_generate(results: dict, stem: Path) -> list[Path]:
         paths.append(_line_plot(results, "peak_gib", "peak GPU memory (GiB)", "Decode peak memory", memory))
     paths.append(_max_batch_plot(results, stem.with_name(stem.name + "_max_batch.png")))
     return paths
+
+
+def long_context_series(results: dict) -> dict[tuple[str, str], list[tuple[int, float, float | None]]]:
+    """From a bench/train.py results file: per (stage, masking), (seq_len, tokens/s per GPU, peak GiB) rows in
+    sequence order, for the runs bench/run_long_context.sh records (keys with their masking)."""
+    series: dict[tuple[str, str], list[tuple[int, float, float | None]]] = {}
+    for key, row in results.get("results", {}).items():
+        masking = row.get("document_masking")
+        if masking is None or "tokens_per_s_per_gpu" not in row:
+            continue
+        entry = (row["seq_len"], row["tokens_per_s_per_gpu"], row.get("peak_memory_gib"))
+        series.setdefault((key.split("/")[0], masking), []).append(entry)
+    return {name: sorted(rows) for name, rows in sorted(series.items())}
+
+
+def plot_long_context(results: dict, stem: Path) -> list[Path]:
+    """<stem>_throughput.png (training tokens/s per GPU against sequence length) and <stem>_memory.png (peak GiB per
+    1K tokens of a micro-batch: flat when memory grows only with the activations), one line per stage and masking."""
+    stem, series, paths = Path(stem), long_context_series(results), []
+    panels = [
+        ("throughput", "training tokens/s per GPU", lambda s, tps, gib: tps),
+        ("memory", "peak GiB per 1K tokens of a row", lambda s, tps, gib: None if gib is None else 1024 * gib / s),
+    ]
+    for name, ylabel, value in panels:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for (stage, masking), rows in series.items():
+            points = [(s, value(s, tps, gib)) for s, tps, gib in rows if value(s, tps, gib) is not None]
+            if points:
+                style = "-" if masking in ("flex", "auto") else "--"
+                ax.plot(*zip(*points, strict=True), style, marker="o", label=f"{stage}, {masking} masks")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("sequence length (tokens)")
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"zebra_1b {name} against length ({results.get('card', 'CPU')})")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        path = stem.with_name(f"{stem.name}_{name}.png")
+        fig.savefig(path, dpi=120, bbox_inches="tight")
+        plt.close(fig)
+        paths.append(path)
+    return paths

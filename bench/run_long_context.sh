@@ -26,3 +26,10 @@ for row in $rows; do
     echo "   rc=$? $(grep -E '"tokens_per_s_per_gpu"|"peak_memory_gib"' "$logs/$name.log" | tr -d ' \n')"
     pkill -9 -f "^[^ ]*python[0-9.]* -m bench[.]train" && sleep 3
 done
+python - "$results" <<'PY'
+import json, sys
+from pathlib import Path
+from bench.plots import plot_long_context
+path = Path(sys.argv[1])
+print("plots:", *plot_long_context(json.loads(path.read_text()), path.with_suffix("")))
+PY

@@ -75,3 +75,25 @@ def test_every_preset_student_builds_from_its_typed_settings():
         settings = bench_train.preset_student(preset)
         assert student.is_gradient_checkpointing == settings.gradient_checkpointing, preset
         assert sum(p.numel() for p in student.parameters()) > 5e8, preset
+
+
+def test_long_context_rows_are_recorded_per_length_and_plotted(tmp_path):
+    """bench/run_long_context.sh's rows: each length and masking its own results key, and the plots read them back
+    (tokens/s, and peak memory per token) in length order."""
+    from bench.plots import long_context_series, plot_long_context
+
+    out = tmp_path / "long.json"
+    base = [sys.executable, "-m", "bench.train", "--preset", "smoke", "--teacher", "smoke", "--stages", "kd"]
+    for seq, batch in ((128, 2), (64, 4)):  # same tokens per step, as the script runs them
+        extra = ["--seq", str(seq), "--micro-batch", str(batch), "--masking", "dense", "--doc-len", "40"]
+        command = [*base, *extra, "--steps", "2", "--warmup", "1", "--out", str(out)]
+        result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads(out.read_text())
+    keys = {"kd/auto/1x/smoke/mb2/seq128/doc40/dense", "kd/auto/1x/smoke/mb4/seq64/doc40/dense"}
+    assert keys <= set(results["results"])
+    rows = long_context_series(results)[("kd", "dense")]
+    assert [seq for seq, _, _ in rows] == [64, 128] and all(tps > 0 for _, tps, _ in rows)
+    paths = plot_long_context(results, tmp_path / "long")
+    assert [p.name for p in paths] == ["long_throughput.png", "long_memory.png"]
+    assert all(p.stat().st_size > 1000 for p in paths)
