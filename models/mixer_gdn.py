@@ -22,7 +22,7 @@ its SiLU values, the delta rule's state is beta_init * sum_s alpha0^(t-s) k̂_s 
 is O(beta_init) relative; so, to first order in beta_init, the layer computes
     o_proj( RMSNorm_per_head( beta_init * sum_{s<=t} alpha0^(t-s) (q̂_t . k̂_s) v_s ) )
 causal linear attention over the teacher's features, decayed by alpha0 (half-life init_half_life tokens), with
-softmax's normalization replaced by the per-head RMSNorm (tests/models/test_init.py checks this statement).
+softmax's normalization replaced by the per-head RMSNorm (tests/models/test_gdn.py checks this statement).
 
 The GDN mixer kind, top to bottom: settings (GDNConfig, GDNDims), cache slot, module, initialization from
 attention, settings from a teacher, and the registry entry GDN_KIND (models/mixer_kind.py).
