@@ -40,6 +40,7 @@ matmuls run in the inputs' dtype, or the autocast dtype when autocast is on, as 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -265,13 +266,17 @@ def _matmul_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     return torch.promote_types(hidden.dtype, weight.dtype)
 
 
-def _kd_chunks(hidden, weight, bias, t_hidden, t_weight, t_bias, targets, cfg, needs):
-    """Sums over the N valid rows (hidden (N, D), t_hidden (N, D_t), targets (N,)) chunk by chunk.
+# One chunk's terms: (rows, h, w, b, coefs, dtype) -> (divergence (n,), CE (n,), agreement (n,), d(loss)/dz (n, V) or
+# None), where h (n, D), w, b are the student's in the matmul dtype and `rows` slices the caller's per-token inputs.
+ChunkTerms = Callable[[slice, torch.Tensor, torch.Tensor, torch.Tensor | None, tuple | None, torch.dtype], tuple]
 
-    Returns (loss, divergence mean, ce mean, agreement mean) and the gradients of loss wrt
-    (hidden, weight, bias) for those flagged in `needs` (None for the others)."""
+
+def chunked_student_loss(hidden, weight, bias, cfg: KDLossConfig, terms: ChunkTerms, needs) -> tuple[tuple, tuple]:
+    """Means over the N valid rows (hidden (N, D)) chunk by chunk, from `terms` of each chunk (the full-vocabulary
+    teacher here, cached top-k in kd_topk.py): returns (loss, divergence mean, ce mean, agreement mean) and the
+    gradients of loss wrt (hidden, weight, bias) for those flagged in `needs` (None for the others)."""
     n = hidden.shape[0]
-    mm_dtype, t_mm_dtype = _matmul_dtype(hidden, weight), _matmul_dtype(t_hidden, t_weight)
+    mm_dtype = _matmul_dtype(hidden, weight)
     dtype = _softmax_dtype(mm_dtype)
     denom = max(n, 1)
     need_h, need_w, need_b = needs
@@ -282,8 +287,6 @@ def _kd_chunks(hidden, weight, bias, t_hidden, t_weight, t_bias, targets, cfg, n
     with torch.autocast(hidden.device.type, enabled=False):  # dtypes chosen explicitly below
         w = weight.to(mm_dtype)
         b = None if bias is None else bias.to(mm_dtype)
-        t_w = t_weight.to(t_mm_dtype)
-        t_b = None if t_bias is None else t_bias.to(t_mm_dtype)
         acc_dtype = _softmax_dtype(weight.dtype)
         grad_h = torch.zeros_like(hidden) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) if need_w else None
@@ -292,9 +295,7 @@ def _kd_chunks(hidden, weight, bias, t_hidden, t_weight, t_bias, targets, cfg, n
         for start in range(0, n, cfg.chunk_tokens):
             rows = slice(start, start + cfg.chunk_tokens)
             h = hidden[rows].to(mm_dtype)  # (n, D)
-            div, ce, agree, grad = _chunk_terms(
-                (h, w, b), (t_hidden[rows].to(t_mm_dtype), t_w, t_b), targets[rows], cfg, coefs, dtype
-            )
+            div, ce, agree, grad = terms(rows, h, w, b, coefs, dtype)
             sums += torch.stack([div.sum(), ce.sum(), agree.sum().to(dtype)])
             if grad is None:
                 continue
@@ -319,14 +320,12 @@ def _kd_chunks(hidden, weight, bias, t_hidden, t_weight, t_bias, targets, cfg, n
     return (loss, div_mean, ce_mean, agree_mean), grads
 
 
-class _ChunkedKD(torch.autograd.Function):
+class _ChunkedStudentLoss(torch.autograd.Function):
     """The gradients are computed in forward, chunk by chunk; backward scales them by the incoming grad."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, t_hidden, t_weight, t_bias, targets, cfg):
-        stats, grads = _kd_chunks(
-            hidden, weight, bias, t_hidden, t_weight, t_bias, targets, cfg, ctx.needs_input_grad[:3]
-        )
+    def forward(ctx, hidden, weight, bias, cfg, terms):
+        stats, grads = chunked_student_loss(hidden, weight, bias, cfg, terms, ctx.needs_input_grad[:3])
         ctx.save_for_backward(*grads)
         ctx.mark_non_differentiable(*stats[1:])
         return stats
@@ -335,7 +334,14 @@ class _ChunkedKD(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_loss, *_unused):
         grads = (None if g is None else g * grad_loss.to(g.dtype) for g in ctx.saved_tensors)
-        return (*grads, None, None, None, None, None)
+        return (*grads, None, None)
+
+
+def run_chunked(hidden, weight, bias, cfg: KDLossConfig, terms: ChunkTerms) -> tuple:
+    """(loss, divergence, ce, agreement) of `chunked_student_loss`, through autograd when the student needs grads."""
+    if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (hidden, weight, bias)):
+        return _ChunkedStudentLoss.apply(hidden, weight, bias, cfg, terms)
+    return chunked_student_loss(hidden, weight, bias, cfg, terms, (False,) * 3)[0]
 
 
 def kd_loss(
@@ -369,9 +375,11 @@ def kd_loss(
             f"kd_loss: targets must be -100 or token ids in [0, {vocab}); got values in "
             f"[{int(labels.min())}, {int(labels.max())}]"
         )
-    student = (hidden, student_head_weight, student_head_bias)
-    if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in student):
-        loss, div, ce, agree = _ChunkedKD.apply(*student, t_hidden, t_weight, t_bias, labels, cfg)
-    else:
-        (loss, div, ce, agree), _ = _kd_chunks(*student, t_hidden, t_weight, t_bias, labels, cfg, (False,) * 3)
+    t_mm_dtype = _matmul_dtype(t_hidden, t_weight)
+    t_w, t_b = t_weight.to(t_mm_dtype), None if t_bias is None else t_bias.to(t_mm_dtype)
+
+    def terms(rows, h, w, b, coefs, dtype):
+        return _chunk_terms((h, w, b), (t_hidden[rows].to(t_mm_dtype), t_w, t_b), labels[rows], cfg, coefs, dtype)
+
+    loss, div, ce, agree = run_chunked(hidden, student_head_weight, student_head_bias, cfg, terms)
     return KDLossOutput(loss=loss, divergence=div, ce=ce, num_tokens=int(valid.numel()), top1_agreement=agree)

@@ -25,9 +25,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 
-from .kd import IGNORE_INDEX, KDLossConfig, KDLossOutput, _matmul_dtype, _softmax_dtype
+from .kd import IGNORE_INDEX, KDLossConfig, KDLossOutput, _softmax_dtype, run_chunked
 
 TOPK_DIVERGENCES = ("forward_kl",)
 
@@ -73,65 +72,6 @@ def _chunk(h, w, b, ids, logp, rest, targets, cfg: KDLossConfig, coefs, dtype):
     return div * cfg.t2_factor, ce, agree, grad
 
 
-def _topk_chunks(hidden, weight, bias, ids, logp, rest, targets, cfg: KDLossConfig, needs):
-    """Means over the N valid rows and the gradients of the loss wrt (hidden, weight, bias) flagged in `needs`."""
-    n = hidden.shape[0]
-    mm_dtype = _matmul_dtype(hidden, weight)
-    dtype = _softmax_dtype(mm_dtype)
-    denom = max(n, 1)
-    coefs = (cfg.kl_weight * cfg.t2_factor / cfg.temperature / denom, cfg.ce_weight / denom) if any(needs) else None
-    with torch.autocast(hidden.device.type, enabled=False):
-        w = weight.to(mm_dtype)
-        b = None if bias is None else bias.to(mm_dtype)
-        acc = _softmax_dtype(weight.dtype)
-        grad_h = torch.zeros_like(hidden) if needs[0] else None
-        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if needs[1] else None
-        grad_b = torch.zeros(bias.shape, dtype=acc, device=bias.device) if needs[2] else None
-        sums = torch.zeros(3, dtype=dtype, device=hidden.device)  # D, CE, agreement
-        for start in range(0, n, cfg.chunk_tokens):
-            sl = slice(start, start + cfg.chunk_tokens)
-            h = hidden[sl].to(mm_dtype)
-            div, ce, agree, grad = _chunk(
-                h, w, b, ids[sl], logp[sl].to(dtype), rest[sl].to(dtype), targets[sl], cfg, coefs, dtype
-            )
-            sums += torch.stack([div.sum(), ce.sum(), agree.sum().to(dtype)])
-            if grad is None:
-                continue
-            grad = grad.to(mm_dtype)
-            if grad_h is not None:
-                grad_h[sl] = grad @ w  # (n, D)
-            if grad_w is not None:
-                grad_w += grad.T @ h  # (V, D), accumulated over chunks
-            if grad_b is not None:
-                grad_b += grad.sum(0)
-            del grad
-    div_mean, ce_mean, agree_mean = (sums / denom).unbind()
-    loss = cfg.kl_weight * div_mean + cfg.ce_weight * ce_mean
-    grads = (
-        grad_h,
-        None if grad_w is None else grad_w.to(weight.dtype),
-        None if grad_b is None else grad_b.to(bias.dtype),
-    )
-    return (loss, div_mean, ce_mean, agree_mean), grads
-
-
-class _ChunkedTopKKD(torch.autograd.Function):
-    """Gradients computed in forward, chunk by chunk; backward scales them by the incoming grad."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, ids, logp, rest, targets, cfg):
-        stats, grads = _topk_chunks(hidden, weight, bias, ids, logp, rest, targets, cfg, ctx.needs_input_grad[:3])
-        ctx.save_for_backward(*grads)
-        ctx.mark_non_differentiable(*stats[1:])
-        return stats
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_loss, *_unused):
-        grads = (None if g is None else g * grad_loss.to(g.dtype) for g in ctx.saved_tensors)
-        return (*grads, None, None, None, None, None)
-
-
 def kd_topk_loss(
     student_hidden: torch.Tensor,
     student_head_weight: torch.Tensor,
@@ -169,11 +109,11 @@ def kd_topk_loss(
     hidden = student_hidden.reshape(-1, student_hidden.shape[-1]).index_select(0, valid)  # (N, D)
     logp = teacher_logp.reshape(-1, k).index_select(0, valid).detach()
     rest = teacher_rest.reshape(-1).index_select(0, valid).detach()
-    student = (hidden, student_head_weight, student_head_bias)
-    if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in student):
-        loss, div, ce, agree = _ChunkedTopKKD.apply(*student, ids, logp, rest, labels, cfg)
-    else:
-        (loss, div, ce, agree), _ = _topk_chunks(*student, ids, logp, rest, labels, cfg, (False,) * 3)
+
+    def terms(rows, h, w, b, coefs, dtype):
+        return _chunk(h, w, b, ids[rows], logp[rows].to(dtype), rest[rows].to(dtype), labels[rows], cfg, coefs, dtype)
+
+    loss, div, ce, agree = run_chunked(hidden, student_head_weight, student_head_bias, cfg, terms)
     return KDLossOutput(loss=loss, divergence=div, ce=ce, num_tokens=int(valid.numel()), top1_agreement=agree)
 
 
