@@ -8,6 +8,7 @@ The teacher (GQA) caches K and V for every KV head in every layer. These numbers
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 import torch
@@ -32,6 +33,20 @@ def student_cache_bytes(
         layer = mixer_kind(name).cache_bytes(config, i, dtype, ssm_state_dtype)
         per_token, constant = per_token + layer.per_token, constant + layer.constant
     return CacheBytes(per_token=per_token, constant=constant)
+
+
+def layer_cache_bytes(
+    configs: Mapping[str, HybridConfig],
+    dtype: torch.dtype = torch.bfloat16,
+    ssm_state_dtype: torch.dtype = torch.float32,
+) -> list[dict[str, CacheBytes]]:
+    """Per layer {kind: what that kind would cache there}, each kind read from its own config (an all-<kind>
+    candidate's: per-layer settings such as MLA ranks chosen by energy are in it); dtypes as student_cache_bytes'."""
+    num_layers = next(iter(configs.values())).num_hidden_layers
+    return [
+        {name: mixer_kind(name).cache_bytes(config, i, dtype, ssm_state_dtype) for name, config in configs.items()}
+        for i in range(num_layers)
+    ]
 
 
 def teacher_cache_bytes(

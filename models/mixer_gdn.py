@@ -400,7 +400,7 @@ GDN_KIND = MixerKind(
     init_from_attention=_init_from_attention,
     reproduces_attention=False,
     constant_state=True,
-    # Not yet a candidate: SMART scores one placed kind against the fill kind (models/select.py); comparing three
-    # kinds under a state budget is the next step. Users place it with student.layers ({3: gdn}).
+    # Not in the default candidate set (runs stay as they were): `select.fill_kinds=[mamba,gdn]` makes ILD align it
+    # and SMART compare it per layer; users place it by hand with student.layers ({3: gdn}).
     candidate=False,
 )

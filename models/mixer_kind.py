@@ -96,7 +96,9 @@ class MixerKind:
     init_from_attention: Callable[[nn.Module, AttentionWeights, HybridConfig, Any, InitOptions], dict[str, Any]]
     reproduces_attention: bool  # initialized as the teacher's attention itself: init reports its output error
     constant_state: bool  # its cache does not grow with the context (HybridCache.is_linear)
-    candidate: bool = True  # ILD aligns an all-<name> student for every layer, and SMART compares them
+    # In the default candidate set (models/mixers.py candidate_kinds(None)): ILD aligns an all-<name> student and
+    # SMART compares it; `select.fill_kinds` names the set of a run.
+    candidate: bool = True
 
 
 def config_from_dict(cls, value: Any):

@@ -37,9 +37,17 @@ def kind_of_module(module: nn.Module) -> MixerKind | None:
     return next((kind for kind in MIXERS.values() if isinstance(module, kind.module)), None)
 
 
-def candidate_kinds() -> list[str]:
-    """Kinds that ILD aligns as whole candidate students and SMART compares (PLACED_KIND among them)."""
-    return [name for name, kind in MIXERS.items() if kind.candidate]
+def candidate_kinds(fill_kinds: Sequence[str] | None = None, key: str = "select.fill_kinds") -> list[str]:
+    """Kinds that ILD aligns as whole candidate students and SMART compares: PLACED_KIND, then `fill_kinds` (the
+    kinds a layer not placed may take, `select.fill_kinds`); None: the kinds marked `candidate` (the default set).
+    A ValueError naming `key`, the value and the allowed kinds otherwise."""
+    if fill_kinds is None:
+        return [name for name, kind in MIXERS.items() if kind.candidate]
+    allowed = [name for name in MIXERS if name != PLACED_KIND.name]
+    fills = [fill_kinds] if isinstance(fill_kinds, str) else list(fill_kinds)
+    if not fills or len(set(fills)) != len(fills) or any(name not in allowed for name in fills):
+        raise ValueError(f"{key}={fills} is invalid: one or more distinct kinds of {allowed}")
+    return [PLACED_KIND.name, *fills]
 
 
 def mixer_map(num_layers: int, placed_layers: Sequence[int]) -> list[str]:
