@@ -89,3 +89,21 @@ def test_zebra_8b_with_the_optimizer_in_host_memory_and_zebra_1b_on_one_gpu_are_
     # The 1B student distilled from the 8B at the preset's micro-batch 8 on a 40 GB card: halve the micro-batch.
     with pytest.raises(ConfigError, match="data.micro_batch_size=8 -> 4"):
         preflight(_cfg(*ZEBRA_1B), LLAMA_1B, LLAMA_8B, capacity_gib=40.0)
+
+
+def test_a_sharded_teacher_counts_one_slice_per_gpu_plus_its_gathered_head():
+    """teacher.shard: the teacher's bytes / GPUs plus one vocabulary matrix gathered whole, against the 8B teacher
+    built on the meta device (bf16: 2 bytes a parameter)."""
+    with torch.device("meta"):
+        model = LlamaForCausalLM(LlamaConfig(**LLAMA_3_1_8B, tie_word_embeddings=False))
+    whole = sum(p.numel() for p in model.parameters()) * 2
+    head = model.lm_head.weight.numel() * 2
+    for gpus in (2, 8):
+        base = ("conf=zebra_8b", f"trainer.devices={gpus}")
+        replicated = estimate_stage(_cfg(*base), "kd", LLAMA_8B).terms["teacher"]
+        sharded = estimate_stage(_cfg(*base, "teacher.shard=true"), "kd", LLAMA_8B).terms["teacher"]
+        print(f"{gpus} GPUs: teacher {replicated / GIB:.1f} GiB replicated, {sharded / GIB:.1f} GiB sharded")
+        assert replicated == whole and sharded == whole / gpus + head
+    # The refusal of plain ZeRO-3 on 2x 80 GB now names the teacher's setting too.
+    with pytest.raises(ConfigError, match="teacher.shard=true"):
+        preflight(_cfg("conf=zebra_8b", "trainer.devices=2"), LLAMA_8B, None, capacity_gib=80.0)

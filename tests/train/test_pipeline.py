@@ -170,3 +170,35 @@ def test_dpo_loss_matches_its_formula():
     margins = 0.5 * torch.tensor([(-3.0 + 4.0) - (-5.0 + 4.5), (-2.0 + 2.5) - (-1.0 + 1.0)])
     assert torch.allclose(terms["loss"], -torch.nn.functional.logsigmoid(margins).mean())
     assert torch.allclose(terms["margin"], margins.mean()) and terms["accuracy"] == 1.0
+
+
+def test_smart_selection_over_three_kinds_exports_a_mixed_map(tmp_path, teacher_cache):
+    """select.fill_kinds=[mamba,gdn]: ILD aligns three candidates in one pass; each non-MLA layer takes its
+    lowest-loss fill kind; the report has every kind's loss and bytes; the exported student reloads and generates."""
+    from models import student_cache_bytes
+
+    cfg = small(
+        tmp_path,
+        teacher_cache,
+        "stages=[init,ild,select,export]",
+        "student.mla_layers=smart",
+        "student.num_mla_layers=2",
+        "select.fill_kinds=[mamba,gdn]",
+        "ild.max_steps=4",
+    )
+    run(cfg)
+    losses = json.loads((tmp_path / "ild" / "layer_losses.json").read_text())
+    assert all(set(row) == {"mla", "mamba", "gdn"} for row in losses.values())
+    selection = json.loads((tmp_path / "select" / "selection.json").read_text())
+    expected = ["mla"] + [min(("mamba", "gdn"), key=lambda k: losses[str(i)][k]) for i in (1, 2)] + ["mla"]
+    assert selection["mixer_types"] == expected and selection["mla_layers"] == [0, 3]
+    for row in selection["layers"]:
+        assert row["ild_loss"] == losses[str(row["layer"])] and set(row["bytes"]) == {"mla", "mamba", "gdn"}
+    final = AutoModelForCausalLM.from_pretrained(tmp_path / "student", trust_remote_code=True)
+    assert final.config.mixer_types == expected
+    cache = student_cache_bytes(final.config)  # independent of the per-layer table: the model's own sum
+    assert (selection["kv_bytes_per_token"], selection["state_bytes"]) == (cache.per_token, cache.constant)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "student")
+    prompt = tokenizer("The cat", return_tensors="pt")
+    out = final.generate(**prompt, max_new_tokens=8, do_sample=False)
+    assert out.shape[1] == prompt["input_ids"].shape[1] + 8

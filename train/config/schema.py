@@ -22,6 +22,7 @@ from omegaconf import MISSING
 from data.config import DataConfig, SourceConfig
 from models import MambaConfig, MLAConfig
 from models.mixer_gdn import GDNConfig
+from models.mixers import FILL_KIND
 from train.losses import ILDLossConfig, KDLossConfig
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -81,6 +82,10 @@ class TeacherConfig:
     trust_remote_code: bool = False
     attn_implementation: str = "sdpa"  # transformers attention backend of the teacher
     rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)
+    # Partition the frozen teacher's weights over the GPUs (DeepSpeed ZeRO-3, gathered per module in its forward)
+    # instead of replicating it: ~1/N of its bytes per GPU, for a teacher too large to replicate. Needs a ZeRO-3
+    # strategy; ILD and KD (train/runtime/sharded_teacher.py, docs/performance.md).
+    shard: bool = False
     tiny: TinyTeacherConfig = field(default_factory=TinyTeacherConfig)
 
 
@@ -183,11 +188,17 @@ class ILDConfig(ILDLossConfig, TrainingSchedule):
 
 @dataclass
 class SelectConfig:
-    """SMART layer selection from the ILD losses of both candidates."""
+    """SMART layer selection from the ILD losses of the candidates (MLA and every fill kind)."""
 
     num_mla_layers: int | None = None  # None: len(student.mla_layers) (which must then be a list)
     keep_terminal: bool = True  # force MLA at both ends of the stack (SMART: terminal layers are the most sensitive)
     rule: str = "smart"  # "smart": sensitivity-driven | "uniform": evenly spaced, ignoring the scores (a baseline)
+    # Kinds a layer not made MLA may take (models/mixers.py MIXERS, e.g. [mamba, gdn]): init and ILD make one all-<kind>
+    # candidate of each (and of MLA), aligned in one teacher pass; each such layer takes its lowest-ILD-loss kind.
+    fill_kinds: list[str] = field(default_factory=lambda: [FILL_KIND.name])
+    # None: student.kv_budget counts KV bytes per token (constant state free). T: the budget is kv_budget x the
+    # teacher's KV bytes per token x T, and each layer costs per-token bytes x T + its constant (recurrent) state.
+    context_tokens: int | None = None
 
 
 @dataclass

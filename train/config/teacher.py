@@ -131,6 +131,11 @@ def check_teacher(cfg: TrainConfig) -> None:
         fail("teacher.name_or_path", t.name_or_path, TEACHER_CHOICES)
     choice("teacher.dtype", t.dtype, DTYPES)
     choice("teacher.attn_implementation", t.attn_implementation, ATTN_IMPLEMENTATIONS)
+    st = cfg.strategy
+    if t.shard and not (str(st.name).startswith("deepspeed") and getattr(st, "stage", None) == 3):
+        # Only a ZeRO-3 engine partitions parameters and gathers them per module in forward.
+        stage = f", strategy.stage={st.stage}" if hasattr(st, "stage") else ""
+        fail("teacher.shard", True, f"false unless the strategy is DeepSpeed ZeRO-3 (strategy={st.name}{stage})")
     scaling = {k: v for k, v in asdict(t.rope_scaling).items() if v is not None}
     if scaling:
         from models.teachers.loading import check_rope_scaling

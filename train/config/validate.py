@@ -265,9 +265,13 @@ def _check_training(cfg: TrainConfig) -> None:
             )
     if sel.num_mla_layers is not None:
         at_least("select.num_mla_layers", sel.num_mla_layers, 0)
-    from models.select import SELECT_RULES
+    from models.select import SELECT_RULES, check_select_keys
 
     choice("select.rule", sel.rule, SELECT_RULES)
+    try:
+        check_select_keys(sel.fill_kinds, sel.context_tokens)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
     _check_optim("kd", kd)
     if kd.jsd_beta in (0.0, 1.0):  # the loss takes them as forward / reverse KL; the config asks for that by name
         fail("kd.jsd_beta", kd.jsd_beta, "a number in (0, 1); use kd.divergence=forward_kl / reverse_kl")

@@ -15,8 +15,9 @@ Parameters read outside their module's forward (KD's lm_head weight, tied or not
 gathers a parameter read as a module attribute during the engine's forward (its external-parameter discovery).
 
 The frozen teacher is never part of the LightningModule's module tree (train/stages/module.py), so it is neither
-partitioned, nor in the optimizer, nor in checkpoints; it is built with plain `from_pretrained` before the Trainer
-exists, so no `zero.Init` context ever meets Hugging Face's weight loading.
+partitioned by this engine, nor in the optimizer, nor in checkpoints; it is built with plain `from_pretrained` before
+the Trainer exists, so no `zero.Init` context ever meets Hugging Face's weight loading. With `teacher.shard` a second,
+inference-only ZeRO-3 engine partitions it at fit start (train/runtime/sharded_teacher.py).
 
 `consolidated_state_dict` turns a ZeRO-2/3 checkpoint directory into the fp32 master weights (DeepSpeed's
 zero_to_fp32), which is what the stages save as the trained student.

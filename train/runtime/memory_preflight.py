@@ -6,7 +6,8 @@ GPU and per training stage, the peak during the backward pass:
 - student: weights, gradients and AdamW state (fp32 master weights and two moments) by precision, sharded by
   DeepSpeed's ZeRO stage (1: optimizer state, 2: + gradients, 3: + weights) or moved to the host by its offload
   options; ILD trains the mixers only (ild.trainable=mixers); plus DeepSpeed's communication buckets;
-- the frozen teacher of the stage (replicated on every GPU): `teacher.*` in ILD, the KD teacher in KD;
+- the frozen teacher of the stage (replicated on every GPU, or with `teacher.shard` 1/N of it plus its largest
+  matrix gathered whole): `teacher.*` in ILD, the KD teacher in KD;
 - activations of one micro-batch: per layer and token, what the backward keeps (ACT_HIDDEN hidden-size and
   ACT_MLP intermediate-size tensors, fitted below), all layers without gradient checkpointing, the layer inputs plus
   one layer's recompute with it; ILD adds the teacher's per-layer trace; KD adds the chunked loss's logits
@@ -146,7 +147,11 @@ def estimate_stage(
     separate = stage == "kd" and kd_spec is not None
     teacher = kd_spec if separate else spec
     dtype = kd_teacher_dtype(cfg) if separate else cfg.teacher.dtype
-    terms["teacher" if not separate else "KD teacher"] = teacher_params(teacher) * DTYPE_BYTES[dtype]
+    teacher_bytes = teacher_params(teacher) * DTYPE_BYTES[dtype]
+    if cfg.teacher.shard:  # ZeRO-3 slices (train/runtime/sharded_teacher.py) plus the largest tensor gathered whole:
+        # the embedding / lm_head matrix (the KD loss gathers the head; per-layer gathers are smaller)
+        teacher_bytes = teacher_bytes / n + teacher.vocab_size * teacher.hidden_size * DTYPE_BYTES[dtype]
+    terms["teacher" if not separate else "KD teacher"] = teacher_bytes
     terms["activations"] = _activations(cfg, stage, students, teacher, half)
     if stage == "kd":
         terms["KD loss"] = _kd_loss_bytes(cfg, students[0].config, teacher)
@@ -217,6 +222,9 @@ def _advice(cfg: TrainConfig, e: MemoryEstimate) -> str:
             tips.append(f"strategy={cfg.strategy.name} -> deepspeed_zero3 (more GPUs shard more)")
         if not getattr(st, "offload_optimizer", False):
             tips.append("strategy=deepspeed_zero3_offload_optimizer (optimizer state in host memory)")
+    teacher = e.terms.get("teacher", 0.0) + e.terms.get("KD teacher", 0.0)
+    if not cfg.teacher.shard and world_size(cfg) > 1 and teacher > e.terms["activations"]:
+        tips.append("teacher.shard=true with a deepspeed_zero3 strategy (the teacher split over the GPUs)")
     if e.stage == "kd" and not cfg.student.gradient_checkpointing:
         tips.append("student.gradient_checkpointing=true")
     if cfg.data.micro_batch_size > 1:

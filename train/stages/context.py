@@ -140,6 +140,10 @@ class Context:
             trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
         else:
             trainer.fit(module, loaders["train"], loaders["val"], ckpt_path=resume)
+        if getattr(module, "teacher_engine", None) is not None:
+            # teacher.shard: its weights are ZeRO-3 slices now; a later user (eval, ILD's held-out losses, on rank 0
+            # alone) loads it whole again.
+            self._loaded = {key: held for key, held in self._loaded.items() if held[0] is not module.teacher}
         if trainer.interrupted or trainer.global_step < schedule.max_steps:
             # Lightning returns normally after Ctrl-C or SIGTERM; the stage is not finished and must not count as done.
             raise FaultError(

@@ -1,10 +1,11 @@
 """ild: layer-wise distillation. Every student layer gets the teacher's input to that layer and learns to
 reproduce the teacher layer's output and its attention (mixer) output; all layers train in one pass over
-one teacher forward. With `candidates` both an MLA and a Mamba2 student are aligned against the same
-teacher pass, so per-layer losses of both kinds exist for layer selection."""
+one teacher forward. With `candidates` an all-MLA student and one all-<kind> student per `select.fill_kinds` entry
+are aligned against the same teacher pass, so per-layer losses of every candidate kind exist for layer selection."""
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from models import HybridForCausalLM
 from models.documents import documents_from_positions
 from models.flops import ild_step_flops
 from models.mixers import candidate_kinds
-from models.teachers import TeacherTrace, adapter_for
+from models.teachers import TeacherTrace
 from train.losses import ILDLossConfig, ild_layer_loss
 from train.runtime.deepspeed_strategy import is_zero3
 from train.runtime.plots import plot_ild_layers
@@ -39,7 +40,7 @@ class ILDModule(DistillModule):
         trainable: str = "mixers",
     ):
         """`students`: {"assigned": student} for a fixed layer map, or {kind name: all-that-kind student} for every
-        candidate kind (models.mixers.candidate_kinds)."""
+        candidate kind (models.mixers.candidate_kinds: MLA and select.fill_kinds)."""
         super().__init__(teacher, optim)
         self.students = nn.ModuleDict(students)
         self.loss_cfg = loss or ILDLossConfig()
@@ -55,7 +56,7 @@ class ILDModule(DistillModule):
 
     def layer_losses(self, batch: dict[str, torch.Tensor]) -> dict[tuple[str, int], torch.Tensor]:
         """{(candidate, layer): loss} for one batch."""
-        trace = adapter_for(self.teacher).capture(self.teacher, batch)
+        trace = self.teacher_pass(batch, trace=True)
         self.note_teacher_outputs(trace.final_hidden)
         return self.losses_from_trace(trace, batch)
 
@@ -103,10 +104,13 @@ class ILDModule(DistillModule):
 
 
 def compose_student(candidates: dict[str, HybridForCausalLM], mixer_types: list[str]) -> HybridForCausalLM:
-    """A student with the given map, each layer taken from the aligned candidate of its kind."""
+    """A student with the given (per-layer) map, each layer and its kind's settings taken from the aligned candidate
+    of its kind (an all-<kind> candidate's config holds that kind's per-layer choices, e.g. MLA ranks)."""
     source = next(iter(candidates.values()))
     config = source.config.__class__.from_dict(source.config.to_dict())
     config.mixer_types = list(mixer_types)
+    for kind in set(mixer_types):
+        setattr(config, kind, copy.deepcopy(getattr(candidates[kind].config, kind)))
     config.validate_hybrid()
     student = HybridForCausalLM(config).to(source.dtype)
     state = {}
@@ -126,12 +130,13 @@ def run(ctx: Context) -> dict:
     init = ctx.stage_dir("init")
     candidates = init / "candidates"
     if wants_candidates(ctx.cfg) and candidates.exists():
-        sources = {kind: candidates / kind for kind in candidate_kinds()}
+        sources = {kind: candidates / kind for kind in candidate_kinds(ctx.cfg.select.fill_kinds)}
     else:
         sources = {"assigned": init / "student"}
     students = {name: load_student(path) for name, path in sources.items()}
     c = ctx.cfg.ild
     module = ILDModule(students, ctx.teacher, c.optimizer(), c, c.trainable)
+    module.shard_teacher = ctx.cfg.teacher.shard
     trainer = ctx.fit("ild", module, "ild")
     if not is_rank_zero():
         return {}

@@ -1,5 +1,6 @@
 """init: the student from the teacher's weights (MLA by SVD of the attention, Mamba2 from Q/K/V/O, everything else
-copied). When the select stage will choose the layer map, one candidate per mixer kind is initialized too."""
+copied). When the select stage will choose the layer map, one candidate per mixer kind is initialized too: MLA
+and the kinds of `select.fill_kinds`."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ def run(ctx: Context) -> dict:
     kwargs = student_init_kwargs(ctx.cfg.student)
     folder = ctx.stage_dir("init")
     if wants_candidates(ctx.cfg):
-        for kind in candidate_kinds():  # one all-<kind> student per candidate kind, aligned by ILD, scored by select
+        for kind in candidate_kinds(ctx.cfg.select.fill_kinds):  # one all-<kind> student each, aligned by ILD
             every_layer = {"mla_layers": None, "mixer_types": [kind] * ctx.spec.num_layers}
             candidate, report = convert_teacher(ctx.teacher, ctx.spec, **{**kwargs, **every_layer})
             report.to_json(folder / f"init_report_{kind}.json")

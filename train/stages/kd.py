@@ -15,7 +15,6 @@ from data.batch import shift_labels
 from data.datamodule import DistillDataModule
 from models import HybridForCausalLM
 from models.flops import forward_flops, kd_step_flops
-from models.teachers import adapter_for
 from train.losses import IGNORE_INDEX, KDLossConfig, KDLossOutput, kd_loss, kd_topk_loss
 from train.runtime.ranks import is_rank_zero
 from train.runtime.teacher_cache import TeacherCache, open_teacher_cache
@@ -51,22 +50,22 @@ class KDModule(DistillModule):
         self.cache = cache  # offline KD: the teacher's top-k by stream position (teacher is None then)
 
     def teacher_hidden(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        with torch.no_grad():
-            return self.note_teacher_outputs(adapter_for(self.teacher).final_hidden(self.teacher, batch))
+        return self.note_teacher_outputs(self.teacher_pass(batch))
 
     def student_hidden(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.student.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).last_hidden_state
 
     def loss_from_hidden(self, student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, batch: dict):
         """The chunked KD loss on final hidden states (its lm_head gradients are computed in this forward)."""
-        # Under ZeRO-3 the attribute read below, inside the engine's forward, gathers the partitioned weight
-        # (DeepSpeed's external-parameter discovery); tests/train/test_deepspeed_zero3_cpu.py checks its gradient.
-        student_head, teacher_head = shared_vocabulary(
-            self.student.lm_head.weight, adapter_for(self.teacher).lm_head(self.teacher).weight
-        )
-        return kd_loss(
-            student_hidden, student_head, teacher_hidden, teacher_head, shift_labels(batch["labels"]), self.loss_cfg
-        )
+        # Under ZeRO-3 the student's attribute read below, inside the engine's forward, gathers the partitioned
+        # weight (DeepSpeed's external-parameter discovery); tests/train/test_deepspeed_zero3_cpu.py checks its
+        # gradient. The teacher's (teacher.shard) is outside any forward of its own: gathered for the loss, which
+        # reads it in its forward only (no teacher tensor is kept for the backward).
+        with self.teacher_head() as teacher_head:
+            student_head, teacher_head = shared_vocabulary(self.student.lm_head.weight, teacher_head)
+            return kd_loss(
+                student_hidden, student_head, teacher_hidden, teacher_head, shift_labels(batch["labels"]), self.loss_cfg
+            )
 
     def _loss(self, batch):
         if self.cache is not None:
@@ -131,6 +130,7 @@ def run(ctx: Context) -> dict:
     if cache is not None:
         log.info("kd: distilling from the teacher cache %s (k=%d); no teacher loaded", cache.path, cache.manifest["k"])
     module = KDModule(student, teacher, ctx.cfg.kd.optimizer(), ctx.cfg.kd, cache)  # kd.* is the loss config
+    module.shard_teacher = ctx.cfg.teacher.shard
     data = DistillDataModule(ctx.data_cfg, ctx.tokenizer, phase="kd", keep_stream_index=cache is not None)
     trainer = ctx.fit("kd", module, "kd", datamodule=data)
     if not is_rank_zero():

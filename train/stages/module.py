@@ -1,17 +1,23 @@
 """What the ILD and KD LightningModules share: a frozen teacher kept out of the optimizer and out of
-checkpoints, AdamW with warmup + cosine, and token/throughput accounting."""
+checkpoints (replicated, or partitioned over the ranks with `teacher.shard`), AdamW with warmup + cosine, and
+token/throughput accounting."""
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 
 import lightning as L
 import torch
 from transformers import PreTrainedModel
 
 from models.flops import attention_context
-from train.runtime.deepspeed_strategy import offloads_optimizer
+from models.teachers import TeacherTrace, adapter_for
+from train.config import ConfigError
+from train.runtime.deepspeed_strategy import is_deepspeed, offloads_optimizer
 from train.runtime.optim import adamw_cosine
+from train.runtime.sharded_teacher import gathered, shard_teacher, teacher_outputs
 
 
 class DistillModule(L.LightningModule):
@@ -20,6 +26,10 @@ class DistillModule(L.LightningModule):
         # Not registered as a submodule: never in state_dict (checkpoints) nor in parameters() (optimizer). None:
         # KD from a teacher cache (train/runtime/teacher_cache.py), no teacher weights loaded.
         object.__setattr__(self, "teacher", None if teacher is None else teacher.eval().requires_grad_(False))
+        # teacher.shard (set by the stage): partition the teacher over the ranks at fit start (ZeRO-3 only); the
+        # engine its passes then go through is kept here, outside the module tree as the teacher is.
+        self.shard_teacher = False
+        object.__setattr__(self, "teacher_engine", None)
         self.optim = dict(optim)
         self.tokens_seen = 0
         self._step_start: float | None = None  # when the current training step's batch arrived
@@ -34,13 +44,38 @@ class DistillModule(L.LightningModule):
         return hidden
 
     def on_fit_start(self) -> None:
-        if self.teacher is not None:
-            self.teacher.to(self.device)
+        # Here the process group and the training engine exist (Lightning's strategy.setup), so every rank
+        # partitions the teacher it loaded whole on the host; its slices land on this rank's device.
+        if self.teacher is not None and self.shard_teacher and self.teacher_engine is None:
+            strategy = self.trainer.strategy
+            if not (is_deepspeed(strategy) and strategy.zero_stage_3):  # validate_config refuses it first
+                raise ConfigError(f"teacher.shard=True is invalid; allowed: false with {type(strategy).__name__}")
+            object.__setattr__(self, "teacher_engine", shard_teacher(self.teacher, strategy.config))
+        self._teacher_to_device()
         self.train()  # students come from from_pretrained in eval mode; the frozen model is not a submodule
 
     def on_validation_start(self) -> None:
-        if self.teacher is not None:
+        self._teacher_to_device()
+
+    def _teacher_to_device(self) -> None:
+        if self.teacher is not None and self.teacher_engine is None:  # partitions are placed by DeepSpeed
             self.teacher.to(self.device)
+
+    def teacher_pass(self, batch: dict[str, torch.Tensor], trace: bool = False) -> torch.Tensor | TeacherTrace:
+        """The teacher's final hidden states (B, T, D), or with `trace` ILD's per-layer trace, without gradients;
+        through the ZeRO-3 engine when the teacher is partitioned (its root forward resets the gather schedule)."""
+        with torch.no_grad():
+            if self.teacher_engine is not None:
+                return self.teacher_engine(batch, trace=trace)
+            return teacher_outputs(self.teacher, batch, trace)
+
+    @contextlib.contextmanager
+    def teacher_head(self) -> Iterator[torch.Tensor]:
+        """The teacher's lm_head weight (V, D), whole inside the block: a partitioned one is gathered on every rank
+        (read outside the teacher's forward, ZeRO-3 would see only its empty placeholder)."""
+        weight = adapter_for(self.teacher).lm_head(self.teacher).weight
+        with gathered(weight):
+            yield weight
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
