@@ -108,7 +108,7 @@ def build_teacher(
     return model.train() if trainable else model.eval().requires_grad_(False)
 
 
-def build_student(preset: str, device: torch.device, masking: str = "auto") -> HybridForCausalLM:
+def build_student(preset: str, device: torch.device, masking: str = "dense") -> HybridForCausalLM:
     """The preset's student shape (from its own teacher's config), random weights, fp32 master weights, with the
     preset's activation checkpointing (student.gradient_checkpointing, as train/pipeline.py applies it)."""
     name = "smoke" if preset == "smoke" else PRESET_TEACHER[preset]
@@ -167,7 +167,7 @@ class TeacherCE(L.LightningModule):
 
 
 def make_module(
-    stage: str, preset: str, teacher_name: str, device: torch.device, kd_triton: bool = True, masking: str = "auto"
+    stage: str, preset: str, teacher_name: str, device: torch.device, kd_triton: bool = True, masking: str = "dense"
 ) -> L.LightningModule:
     if stage == "teacher_ce":
         return TeacherCE(build_teacher(teacher_name, device, torch.float32, trainable=True, masking=masking))
@@ -405,9 +405,9 @@ def main() -> None:
     parser.add_argument("--doc-len", type=int, default=700, help="mean document length in the packed rows")
     parser.add_argument(
         "--masking",
-        default="auto",
+        default=None,
         choices=list(DOCUMENT_MASKINGS),
-        help="packed documents: dense masks, FlexAttention block masks, or auto (flex on CUDA)",
+        help="packed documents: dense masks (default), FlexAttention block masks, or auto (flex on CUDA)",
     )
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
@@ -461,8 +461,9 @@ def main() -> None:
     suffix += "/kd_torch" if args.kd_torch else ""
     suffix += "/compiled" if args.compile else ""
     suffix += "/light_autotune" if args.light_autotune else ""
-    if args.seq > 2048 or args.masking != "auto":  # long-context rows (keys of earlier 2K results unchanged)
-        suffix += f"/seq{args.seq}/doc{args.doc_len}/{args.masking}"
+    if args.seq > 2048 or args.masking is not None:  # long-context rows (keys of earlier 2K results unchanged)
+        suffix += f"/seq{args.seq}/doc{args.doc_len}/{args.masking or 'dense'}"
+    args.masking = args.masking or "dense"
     for stage in args.stages.split(","):
         if not args.skip_trainer:
             result = trainer_run(args, stage, data)
