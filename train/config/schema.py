@@ -181,8 +181,8 @@ class ILDConfig(ILDLossConfig, TrainingSchedule):
 
     lr: float = 1e-3
     trainable: str = "mixers"  # "mixers": only MLA / Mamba2 mixers train | "layers": mixers + MLPs + norms
-    # "both": align an MLA and a Mamba2 candidate for every layer (what `select` needs); "assigned": only the
-    # mixer of student.mla_layers; "auto": "both" when the select stage runs, else "assigned".
+    # "both": align a candidate of MLA and of every select.fill_kinds kind for every layer (what `select` needs);
+    # "assigned": only the mixer of student.mla_layers; "auto": "both" when the select stage runs, else "assigned".
     candidates: str = "auto"
 
 

@@ -56,7 +56,9 @@ def plot_selection(scores: list[float], chosen: list[int], target: Path) -> Path
     fig, ax = plt.subplots(figsize=(max(4, len(scores) * 0.5), 3.5))
     colors = ["tab:red" if i in chosen else "tab:gray" for i in range(len(scores))]
     ax.bar(range(len(scores)), scores, color=colors)
-    ax.set(xlabel="layer", ylabel="log(L_mamba / L_mla)", title=f"SMART sensitivity; MLA layers {chosen} in red")
+    ax.set(
+        xlabel="layer", ylabel="log(L_best fill kind / L_mla)", title=f"SMART sensitivity; MLA layers {chosen} in red"
+    )
     fig.tight_layout()
     fig.savefig(target, dpi=100)
     plt.close(fig)
