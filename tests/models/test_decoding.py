@@ -7,7 +7,14 @@ from models.documents import documents_from_positions
 
 from .tiny import rel_err, tiny_model
 
-MAPS = [("mla", "mamba", "mla", "mamba"), ("mamba", "mamba", "mla"), ("mla",), ("mamba",)]
+MAPS = [
+    ("mla", "mamba", "mla", "mamba"),
+    ("mamba", "mamba", "mla"),
+    ("mla",),
+    ("mamba",),
+    ("gdn", "mamba", "mla"),
+    ("gdn",),
+]
 
 
 def _left_padded_batch(lengths, total, vocab=97, pad=0):

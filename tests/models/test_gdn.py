@@ -1,4 +1,5 @@
-"""The Gated DeltaNet mixer kind: packed documents, cached decoding, init from attention, config, export.
+"""The Gated DeltaNet mixer kind: packed documents, cached calls (whole decodes: test_decoding.py), init from
+attention, config, export.
 
 (The registry contract, a GDN-only model's forward and its cache bytes are checked for every kind in
 tests/models/test_mixers.py; the kernels in tests/models/test_gated_delta.py.)"""
@@ -16,7 +17,6 @@ from models.documents import documents_from_positions
 from models.init import build_student_config, convert_teacher
 from models.teachers import describe_teacher, load_teacher
 
-from .test_decoding import _left_padded_batch
 from .test_init import COMMON, saved_teacher
 from .tiny import rel_err, tiny_model
 
@@ -51,30 +51,6 @@ def test_packed_layer_equals_documents_alone():
     print(f"gdn: max rel err packed vs alone {worst:.2e}")
     assert worst < 1e-5
     assert rel_err(merged[0, 5:], packed[0, 5:]) > 1e-2  # sensitivity: the boundaries do reset conv and state
-
-
-@pytest.mark.parametrize("mixers", [("gdn", "mamba", "mla"), ("gdn",)])
-def test_cached_decoding_matches_full_forward(mixers):
-    """Left-padded prompts prefilled with the chunked form, then token by token through the step."""
-    model = tiny_model(mixers=mixers)
-    prompt_lengths, prompt_len, steps = (13, 6, 9), 13, 7
-    ids, mask = _left_padded_batch(prompt_lengths, prompt_len)
-    continuation = torch.randint(1, 97, (3, steps))
-    full_ids = torch.cat([ids, continuation], dim=1)
-    full_mask = torch.cat([mask, torch.ones(3, steps, dtype=torch.long)], dim=1)
-    with torch.no_grad():
-        full = model(full_ids, attention_mask=full_mask).logits
-        cache = model.make_cache(3)
-        step_logits = [model(ids, attention_mask=mask, cache=cache).logits[:, -1]]
-        for t in range(steps - 1):
-            m = full_mask[:, : prompt_len + t + 1]
-            step_logits.append(model(continuation[:, t : t + 1], attention_mask=m, cache=cache).logits[:, -1])
-        reference = full[:, prompt_len - 1 : -1]
-        err = rel_err(torch.stack(step_logits, dim=1), reference)
-        alone = [model(full_ids[r : r + 1, prompt_len - n :]).logits[0, n - 1 : -1] for r, n in enumerate((13, 6, 9))]
-    print(f"{mixers}: cached decoding vs full forward rel err {err:.2e}")
-    assert err < 1e-4
-    assert all(rel_err(reference[r], a) < 1e-4 for r, a in enumerate(alone))  # padding is invisible
 
 
 def test_chunked_continuation_and_new_document_in_a_cached_call():
