@@ -12,12 +12,7 @@ from train.losses import KDLossConfig, kd_topk_loss, teacher_topk
 B, T, D, V = 2, 7, 16, 50
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _inputs(seed=0):
