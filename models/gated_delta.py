@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
 
-from .ssd import _compute_dtype, _document_ids, _pad_time
+from .ssd import compute_dtype, document_ids, pad_time
 
 
 def gated_delta_rule_chunk_ref(
@@ -58,14 +58,14 @@ def gated_delta_rule_chunk_ref(
     dtype (fp32, or fp64 for fp64 inputs)."""
     batch, length, heads, dk = q.shape
     dv, out_dtype = v.shape[-1], v.dtype
-    cdtype = _compute_dtype(q, k, v, g, beta, initial_state)
+    cdtype = compute_dtype(q, k, v, g, beta, initial_state)
     L = chunk_size
     nchunks = math.ceil(length / L)
     pad = nchunks * L - length
 
     # Padded tokens have g = 0 and beta = 0: identity steps (no decay, nothing written, nothing read).
     def chunks(t: Tensor) -> Tensor:
-        return rearrange(_pad_time(t.to(cdtype), pad), "b (c l) h ... -> b h c l ...", l=L)
+        return rearrange(pad_time(t.to(cdtype), pad), "b (c l) h ... -> b h c l ...", l=L)
 
     q, k, v, g, beta = (chunks(t) for t in (q, k, v, g, beta))  # (b, h, c, L, K|V) and (b, h, c, L)
     cs = torch.cumsum(g, dim=-1)  # (b, h, c, L): log decay from the chunk start through each token
@@ -76,7 +76,7 @@ def gated_delta_rule_chunk_ref(
     ones = torch.ones((), dtype=cdtype, device=q.device)
     from_prev, to_end, keeps_carry = ones, ones, ones
     if seq_idx is not None:
-        doc = _document_ids(seq_idx)
+        doc = document_ids(seq_idx)
         doc = torch.cat([doc, doc[:, -1:].expand(batch, pad)], dim=1)  # padding continues the last document
         doc = rearrange(doc, "b (c l) -> b c l", l=L)[:, None]  # (b, 1, c, L)
         prev_doc = F.pad(doc[..., :-1, -1], (1, 0))  # (b, 1, c): document of the token before each chunk
@@ -121,7 +121,7 @@ def gated_delta_rule_step_ref(
 ) -> Tensor:
     """One decoding step; `state` (B, H, K, V) is updated in place. q, k: (B, H, K); v: (B, H, V); g, beta: (B, H).
     Returns o (B, H, V) in v's dtype, read from the full-precision state."""
-    cdtype, out_dtype = _compute_dtype(state, q, k, v, g, beta), v.dtype
+    cdtype, out_dtype = compute_dtype(state, q, k, v, g, beta), v.dtype
     q, k, v, g, beta = (t.to(cdtype) for t in (q, k, v, g, beta))
     h = state.to(cdtype) * torch.exp(g)[..., None, None]
     written = beta[..., None] * (v - torch.einsum("bhkv,bhk->bhv", h, k))  # the prediction error, scaled
@@ -147,7 +147,7 @@ def gated_delta_rule_recurrent_ref(
     (chunk_size unused). Deliberately naive: the test oracle. The state is zeroed wherever seq_idx changes."""
     batch, length, heads, dk = q.shape
     out_dtype = v.dtype
-    cdtype = _compute_dtype(q, k, v, g, beta, initial_state)
+    cdtype = compute_dtype(q, k, v, g, beta, initial_state)
     q, k, v, g, beta = (t.to(cdtype) for t in (q, k, v, g, beta))
     eye = torch.eye(dk, dtype=cdtype, device=q.device)
     if initial_state is None:

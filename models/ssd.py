@@ -28,7 +28,7 @@ from torch import Tensor
 _DEFAULT_DT_LIMIT = (0.0, float("inf"))
 
 
-def _compute_dtype(*tensors: Tensor | None) -> torch.dtype:
+def compute_dtype(*tensors: Tensor | None) -> torch.dtype:
     """fp64 if any input is fp64 (tight tests), else fp32 (as the Triton kernels accumulate)."""
     is_fp64 = any(t is not None and t.dtype == torch.float64 for t in tensors)
     return torch.float64 if is_fp64 else torch.float32
@@ -49,13 +49,13 @@ def _process_dt(dt: Tensor, dt_bias: Tensor | None, dt_softplus: bool, dt_limit:
     return dt
 
 
-def _document_ids(seq_idx: Tensor) -> Tensor:
+def document_ids(seq_idx: Tensor) -> Tensor:
     """(batch, seqlen) -> int64 ids counting changes of seq_idx, so the first document is 0 in every row."""
     changes = (seq_idx[:, 1:] != seq_idx[:, :-1]).long()
     return F.pad(changes.cumsum(dim=-1), (1, 0))
 
 
-def _pad_time(t: Tensor, pad: int) -> Tensor:
+def pad_time(t: Tensor, pad: int) -> Tensor:
     """Zero-pad dim 1 (time) at the end."""
     if pad == 0:
         return t
@@ -97,17 +97,17 @@ def ssd_chunk_scan_ref(
     assert nheads % ngroups == 0, "nheads must be a multiple of ngroups"
     assert dt.shape == (batch, seqlen, nheads) and A.shape == (nheads,)
     assert B.shape == C.shape == (batch, seqlen, ngroups, dstate)
-    cdtype = _compute_dtype(x, dt, A, B, C, D, z, dt_bias, initial_states)
+    cdtype = compute_dtype(x, dt, A, B, C, D, z, dt_bias, initial_states)
     L = chunk_size
     nchunks = math.ceil(seqlen / L)
     pad = nchunks * L - seqlen
 
     dt = _process_dt(dt.to(cdtype), _cast(dt_bias, cdtype), dt_softplus, dt_limit)
     # Padding with dt = 0 (after the dt pipeline) makes padded tokens identity steps: no decay, no input.
-    dt = rearrange(_pad_time(dt, pad), "b (c l) (g r) -> b c g r l", l=L, g=ngroups)  # (b, c, g, r, L)
-    xc = rearrange(_pad_time(x.to(cdtype), pad), "b (c l) (g r) p -> b c l g r p", l=L, g=ngroups)
-    Bc = rearrange(_pad_time(B.to(cdtype), pad), "b (c l) g n -> b c l g n", l=L)
-    Cc = rearrange(_pad_time(C.to(cdtype), pad), "b (c l) g n -> b c l g n", l=L)
+    dt = rearrange(pad_time(dt, pad), "b (c l) (g r) -> b c g r l", l=L, g=ngroups)  # (b, c, g, r, L)
+    xc = rearrange(pad_time(x.to(cdtype), pad), "b (c l) (g r) p -> b c l g r p", l=L, g=ngroups)
+    Bc = rearrange(pad_time(B.to(cdtype), pad), "b (c l) g n -> b c l g n", l=L)
+    Cc = rearrange(pad_time(C.to(cdtype), pad), "b (c l) g n -> b c l g n", l=L)
     A_gr = rearrange(A.to(cdtype), "(g r) -> g r 1", g=ngroups)
 
     cs = torch.cumsum(dt * A_gr, dim=-1)  # (b, c, g, r, L): log-decay from chunk start to each token
@@ -117,7 +117,7 @@ def ssd_chunk_scan_ref(
     # just before each chunk (0 = the first document, the one initial_states belongs to, for chunk 0).
     causal = torch.ones(L, L, dtype=torch.bool, device=x.device).tril()  # (L, L)
     if seq_idx is not None:
-        doc = _document_ids(seq_idx)
+        doc = document_ids(seq_idx)
         doc = torch.cat([doc, doc[:, -1:].expand(batch, pad)], dim=1)  # padding continues the last document
         doc = rearrange(doc, "b (c l) -> b c l", l=L)  # (b, c, L)
         prev_doc = F.pad(doc[:, :-1, -1], (1, 0))  # (b, c)
@@ -206,7 +206,7 @@ def selective_state_update_ref(
     assert nheads % ngroups == 0, "nheads must be a multiple of ngroups"
     assert x.shape == dt.shape == (batch, nheads, headdim) and A.shape == (nheads, headdim, dstate)
     assert B.shape == C.shape == (batch, ngroups, dstate)
-    cdtype = _compute_dtype(state, x, dt, A, B, C, D, z, dt_bias)
+    cdtype = compute_dtype(state, x, dt, A, B, C, D, z, dt_bias)
 
     dt = _process_dt(dt.to(cdtype), _cast(dt_bias, cdtype), dt_softplus, dt_limit)  # (b, h, p)
     Bh = B.to(cdtype).repeat_interleave(nheads // ngroups, dim=1)  # (b, h, n): head h uses group h // r
@@ -246,7 +246,7 @@ def ssd_recurrence_ref(
     """
     batch, seqlen, nheads, headdim = x.shape
     ngroups, dstate = B.shape[-2:]
-    cdtype = _compute_dtype(x, dt, A, B, C, D, z, dt_bias, initial_states)
+    cdtype = compute_dtype(x, dt, A, B, C, D, z, dt_bias, initial_states)
     out_dtype = x.dtype
     x, A = x.to(cdtype), A.to(cdtype)
     dt = dt.to(cdtype)
