@@ -106,29 +106,38 @@ def modules() -> dict[str, tuple[ILDModule | KDModule, str]]:
     }
 
 
-def zero3_steps(out: Path) -> None:
-    """One step of each stage under ZeRO-3 on 2 CPU processes; rank 0 writes the consolidated students."""
+def zero3_cpu_trainer(callbacks: list | None = None):
+    """A one-step Lightning Trainer under DeepSpeed ZeRO-3 on 2 CPU processes, every parameter partitioned (the
+    persistence threshold 0: no small parameter stays replicated)."""
     import lightning as L
 
-    from train.runtime.deepspeed_strategy import consolidated_state_dict
     from train.runtime.trainer import make_strategy
 
+    strategy = make_strategy({"name": "deepspeed_zero3", "stage": 3})
+    strategy.config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    return L.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy=strategy,
+        precision="32-true",
+        max_steps=1,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=callbacks,
+    )
+
+
+def zero3_steps(out: Path) -> None:
+    """One step of each stage under ZeRO-3 on 2 CPU processes; rank 0 writes the consolidated students."""
+
+    from train.runtime.deepspeed_strategy import consolidated_state_dict
+
     for name, (module, prefix) in modules().items():
-        strategy = make_strategy({"name": "deepspeed_zero3", "stage": 3})
-        strategy.config["zero_optimization"]["stage3_param_persistence_threshold"] = 0  # partition everything
-        trainer = L.Trainer(
-            accelerator="cpu",
-            devices=2,
-            strategy=strategy,
-            precision="32-true",
-            max_steps=1,
-            limit_val_batches=0,
-            num_sanity_val_steps=0,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-        )
+        trainer = zero3_cpu_trainer()
         trainer.fit(module, DataLoader(rows(), batch_size=ROWS // 2))
         trainer.save_checkpoint(out / f"{name}.ckpt")
         if trainer.is_global_zero:

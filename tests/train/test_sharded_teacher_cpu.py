@@ -32,7 +32,17 @@ from models.sizes import TINY_LLAMA
 from train.config import ConfigError, compose_config, validate_config
 from train.runtime.sharded_teacher import held_bytes
 
-from .test_deepspeed_zero3_cpu import KD_LOSS, OPTIM, ROWS, GradILD, GradKD, reference_step, rows, student
+from .test_deepspeed_zero3_cpu import (
+    KD_LOSS,
+    OPTIM,
+    ROWS,
+    GradILD,
+    GradKD,
+    reference_step,
+    rows,
+    student,
+    zero3_cpu_trainer,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 RUNS = ("kd_replicated", "kd_sharded", "kd_sharded_untied", "ild_replicated", "ild_sharded")
@@ -74,27 +84,10 @@ def zero3_steps(out: Path) -> None:
     """One step of each run under ZeRO-3 on 2 CPU processes; each rank writes its record, rank 0 the gradients."""
     import deepspeed
 
-    from train.runtime.trainer import make_strategy
-
     for name in RUNS:
         made, record = module(name), Record()
-        strategy = make_strategy({"name": "deepspeed_zero3", "stage": 3})
         # Partition everything (the sharded teacher's config inherits this): no small parameter stays replicated.
-        strategy.config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
-        trainer = L.Trainer(
-            accelerator="cpu",
-            devices=2,
-            strategy=strategy,
-            precision="32-true",
-            max_steps=1,
-            limit_val_batches=0,
-            num_sanity_val_steps=0,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            callbacks=[record],
-        )
+        trainer = zero3_cpu_trainer(callbacks=[record])
         trainer.fit(made, torch.utils.data.DataLoader(rows(), batch_size=ROWS // 2))
         (out / f"{name}.rank{trainer.global_rank}.json").write_text(json.dumps(record.out))
         live = made.student if name.startswith("kd") else made.students["assigned"]
