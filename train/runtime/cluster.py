@@ -103,6 +103,17 @@ def _count(devices: Any) -> int | None:
     return len(devices)  # a list of device ids (a ListConfig from Hydra)
 
 
+def world_size(cfg: Any) -> int:
+    """Training processes of a run from its config (TrainConfig): devices per node x nodes; `auto` / -1 count every
+    visible GPU, or one process on the CPU."""
+    import torch  # here: the launchers import this module and need no torch
+
+    per_node = _count(cfg.trainer.devices)
+    if per_node is None:
+        per_node = max(torch.cuda.device_count(), 1) if cfg.trainer.accelerator != "cpu" else 1
+    return per_node * cfg.trainer.num_nodes
+
+
 def resolve_devices(
     devices: Any, num_nodes: int, alloc: Allocation, accelerator: str = "gpu", explicit: Iterable[str] = ()
 ) -> tuple[Any, int]:

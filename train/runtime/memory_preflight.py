@@ -29,6 +29,7 @@ import torch
 
 from models.teachers import TeacherSpec
 from train.config import ConfigError, TrainConfig
+from train.runtime.cluster import world_size
 
 log = logging.getLogger(__name__)
 
@@ -96,17 +97,6 @@ def _students(cfg: TrainConfig, spec: TeacherSpec, stage: str) -> list[Any]:
     if stage == "ild" and candidates:
         return models
     return [max(models, key=lambda m: sum(p.numel() for p in m.parameters()))]
-
-
-def world_size(cfg: TrainConfig) -> int:
-    devices = cfg.trainer.devices
-    if isinstance(devices, (list, tuple)):
-        count = len(devices)
-    elif isinstance(devices, int) and devices > 0:
-        count = devices
-    else:  # "auto" / -1: every GPU of the node
-        count = max(torch.cuda.device_count(), 1)
-    return count * cfg.trainer.num_nodes
 
 
 def estimate_stage(

@@ -31,6 +31,7 @@ import torch
 from data.build import PhaseData
 from data.datamodule import DistillDataModule
 from train.config import ConfigError, TrainConfig
+from train.runtime.cluster import world_size
 
 from .rerun import teacher_files
 from .teachers import kd_teacher_dtype, resolve_teacher
@@ -39,15 +40,6 @@ VERSION = 1
 MANIFEST = "manifest.json"
 MATCH = ("version", "fingerprint", "seed", "seq_len", "k", "dtype", "temperature", "teacher")
 FILES = ("ids", "logp", "rest")
-
-
-def world_size(cfg: TrainConfig) -> int:
-    """Training processes of the run: devices per node x nodes (what the KD stream is split over)."""
-    d = cfg.trainer.devices
-    per_node = len(d) if isinstance(d, (list, tuple)) else d if isinstance(d, int) and d > 0 else None
-    if per_node is None:  # "auto" / -1: every visible GPU, else one CPU process
-        per_node = max(torch.cuda.device_count(), 1) if cfg.trainer.accelerator != "cpu" else 1
-    return per_node * cfg.trainer.num_nodes
 
 
 def stream_rows_needed(cfg: TrainConfig) -> int:
