@@ -28,6 +28,7 @@ settings from a teacher, and the registry entry MLA_KIND (models/mixer_kind.py s
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -309,17 +310,15 @@ class MLA(nn.Module):
         return out.flatten(2, 3)
 
 
-_COMPILED_FLEX: list = []
+@functools.cache
+def _compiled_flex_attention():
+    return torch.compile(flex_attention, dynamic=False)
 
 
 def flex_attention_kernel(device: torch.device):
     """FlexAttention for `device`: compiled once per process on CUDA (its fused kernel); eager elsewhere, where it
     computes the full score matrix (the CPU reference)."""
-    if device.type != "cuda":
-        return flex_attention
-    if not _COMPILED_FLEX:
-        _COMPILED_FLEX.append(torch.compile(flex_attention, dynamic=False))
-    return _COMPILED_FLEX[0]
+    return _compiled_flex_attention() if device.type == "cuda" else flex_attention
 
 
 def attention_mask(
