@@ -4,6 +4,7 @@ training step (CE) as the in-run baseline, with random weights and synthetic pac
     python -m bench.train --preset zebra_1b --stages teacher_ce,kd,ild --breakdown --max-batch
     python -m bench.train --preset zebra_1b --stages kd --devices 2 --strategy deepspeed_zero2
     python -m bench.train --preset zebra_1b --stages kd --teacher llama_3_1_8b      # the 8B KD teacher
+    python -m bench.train --preset zebra_1b --stages kd_cached --teacher llama_3_1_8b   # offline KD, same student
     python -m bench.train --smoke                                                    # CPU, tiny shapes
 
 Each measurement goes into `--out` (a JSON file shared by calls, keyed by what was measured):
@@ -21,7 +22,9 @@ import argparse
 import functools
 import gc
 import json
+import math
 import os
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -48,6 +51,7 @@ from train.losses import ILDLossConfig, KDLossConfig
 from train.runtime.deepspeed_strategy import offloads_optimizer
 from train.runtime.optim import adamw_cosine
 from train.runtime.sdpa_report import SDPAKernelReport
+from train.runtime.teacher_cache import TeacherCache, write_shard
 from train.runtime.trainer import make_strategy
 from train.stages.ild import ILDModule
 from train.stages.kd import KDModule
@@ -128,6 +132,7 @@ class SyntheticPacked(Dataset):
 
     def __init__(self, rows: int, seq_len: int, vocab: int, doc_len: int, seed: int = 0):
         self.rows, self.seq_len, self.vocab, self.doc_len, self.seed = rows, seq_len, vocab, doc_len, seed
+        self.stream_index = False  # kd_cached: the rows carry their stream positions (the cache's key)
 
     def __len__(self) -> int:
         return self.rows
@@ -140,7 +145,8 @@ class SyntheticPacked(Dataset):
             lengths.append(min(n, left))
             left -= lengths[-1]
         ids = torch.randint(0, self.vocab, (self.seq_len,), generator=g)
-        return {"input_ids": ids.tolist(), "loss_mask": [1] * self.seq_len, "doc_lens": lengths}
+        row = {"input_ids": ids.tolist(), "loss_mask": [1] * self.seq_len, "doc_lens": lengths}
+        return {**row, "stream_index": index} if self.stream_index else row
 
     def loader(self, batch_size: int, workers: int = 2) -> DataLoader:
         def collate(rows):
@@ -166,9 +172,35 @@ class TeacherCE(L.LightningModule):
         return teacher_step_flops(self.model, context)
 
 
+def synthetic_teacher_cache(data: SyntheticPacked, k: int = 64, rows_per_shard: int = 32) -> TeacherCache:
+    """A teacher cache of `data`'s rows in kd.teacher_cache's file format (train/runtime/teacher_cache.py): random
+    top-k log-probs holding 90 % of the mass, memory-mapped shards in a temporary folder, so a kd_cached step reads
+    and moves what a real cache's step does. Turns on `data.stream_index` (the cache's key)."""
+    folder = Path(tempfile.mkdtemp(prefix="bench_teacher_cache_"))
+    g = torch.Generator().manual_seed(0)
+    for shard in range(-(-data.rows // rows_per_shard)):
+        n = min(rows_per_shard, data.rows - shard * rows_per_shard)
+        logits = torch.randn(n, data.seq_len, k, generator=g).sort(-1, descending=True).values
+        logp = logits.log_softmax(-1) + math.log(0.9)
+        ids = torch.randint(0, data.vocab, (n, data.seq_len, k), generator=g, dtype=torch.int32)
+        rest = torch.full((n, data.seq_len), math.log(0.1))
+        write_shard(folder, shard, {"ids": ids.numpy(), "logp": logp.numpy(), "rest": rest.numpy()})
+    data.stream_index = True
+    return TeacherCache(folder, {"positions": data.rows, "rows_per_shard": rows_per_shard, "k": k})
+
+
 def make_module(
-    stage: str, preset: str, teacher_name: str, device: torch.device, kd_triton: bool = True, masking: str = "dense"
+    stage: str,
+    preset: str,
+    teacher_name: str,
+    device: torch.device,
+    kd_triton: bool = True,
+    masking: str = "dense",
+    data: SyntheticPacked | None = None,
 ) -> L.LightningModule:
+    if stage == "kd_cached":  # offline KD: no teacher at all, the top-k read from a cache of `data`'s rows
+        student = build_student(preset, device, masking)
+        return KDModule(student, None, OPTIM, KDLossConfig(chunk_tokens=4096), synthetic_teacher_cache(data))
     if stage == "teacher_ce":
         return TeacherCE(build_teacher(teacher_name, device, torch.float32, trainable=True, masking=masking))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -178,7 +210,7 @@ def make_module(
         return KDModule(student, teacher, OPTIM, KDLossConfig(chunk_tokens=4096, use_triton=kd_triton))
     if stage == "ild":
         return ILDModule({"assigned": student}, teacher, OPTIM, ILDLossConfig(loss="l2"))
-    raise ValueError(f"stage={stage!r} is invalid: teacher_ce, kd or ild")
+    raise ValueError(f"stage={stage!r} is invalid: teacher_ce, kd, kd_cached or ild")
 
 
 # ------------------------------------------------------------------------------------------------ timing
@@ -233,7 +265,7 @@ def trainer_run(args, stage: str, data: SyntheticPacked) -> dict | None:
             total = torch.cuda.get_device_properties(device).total_memory
             torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_cap_gib * 2**30 / total), device)
     print(f"[{stamp()}] building {stage} models", flush=True)
-    module = make_module(stage, args.preset, args.teacher, device, not args.kd_torch, args.masking)
+    module = make_module(stage, args.preset, args.teacher, device, not args.kd_torch, args.masking, data)
     print(f"[{stamp()}] built; Trainer starts", flush=True)
     timer = StepTimer(args.warmup)
     kernels = SDPAKernelReport()  # which SDPA kernels a step runs: a math fallback shows up in the results
@@ -438,6 +470,8 @@ def main() -> None:
         args.preset, args.teacher, args.seq, args.micro_batch = "smoke", "smoke", 128, 2
         args.steps, args.warmup, args.doc_len = min(args.steps, 3), 1, 40
     args.teacher = args.teacher or PRESET_TEACHER[args.preset]
+    if "kd_cached" in args.stages.split(",") and (args.breakdown or args.max_batch):
+        parser.error("--stages kd_cached runs through the Trainer only: drop --breakdown / --max-batch")
     args.strategy_settings = strategy_settings(args.preset, args.strategy)  # an unknown name fails here, first
     out = Path(args.out or f"bench/results/train_{args.preset}.json")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
