@@ -83,6 +83,7 @@ def test_settings_that_cannot_change_a_result_may_change(finished, tmp_path, tea
         "trainer.log_every_n_steps=1",
         "ild.checkpoint_every_n_steps=3",
         "data.num_workers=1",
+        "student.document_masking=auto",
     )
     result = cli(*small(out, teacher_cache, "stages=[init,ild]", *extra))
     assert result.returncode == 0, result.stderr[-3000:]

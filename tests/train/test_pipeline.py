@@ -202,3 +202,17 @@ def test_smart_selection_over_three_kinds_exports_a_mixed_map(tmp_path, teacher_
     prompt = tokenizer("The cat", return_tensors="pt")
     out = final.generate(**prompt, max_new_tokens=8, do_sample=False)
     assert out.shape[1] == prompt["input_ids"].shape[1] + 8
+
+
+def test_stages_load_students_with_the_runs_document_masking(tmp_path):
+    """student.document_masking is a choice of the run: every stage's student takes it, whatever the saved one."""
+    from tests.models.tiny import tiny_model
+    from train.config import typed_config
+    from train.stages.context import Context
+
+    tiny_model(mixers=("mla", "mamba")).save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["document_masking"] == "dense"
+    for masking in ("auto", "dense"):
+        cfg = typed_config(compose_config([f"student.document_masking={masking}"]))
+        ctx = Context(cfg=cfg, out=tmp_path, teacher_path="tiny", tokenizer=None)
+        assert ctx.load_student(tmp_path).config.document_masking == masking

@@ -151,6 +151,10 @@ class StudentConfig:
     mixer_init: str = "attention"
     # torch.compile RMSNorm, the MLP activation and Mamba2's conv for CUDA training steps (models/compile.py)
     compile: bool = False
+    # Packed documents in MLA (models/documents.py): "auto" FlexAttention block masks on CUDA, the dense (B,1,T,T)
+    # mask elsewhere | "dense" always the dense mask | "flex" always block masks (CUDA for training). Applied to
+    # every student a stage loads, so it is a runtime choice: changing it never redoes init.
+    document_masking: str = "dense"
 
 
 # --------------------------------------------------------------------------------------------- training

@@ -37,6 +37,7 @@ MAY_CHANGE = (
     "teacher.trust_remote_code",
     "student.compile",
     "student.gradient_checkpointing",
+    "student.document_masking",  # the same documents kept apart, another attention kernel
     "kd.use_triton",
     "kd.chunk_tokens",
     "data.num_workers",

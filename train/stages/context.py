@@ -103,6 +103,10 @@ class Context:
                 return path
         raise FileNotFoundError(f"no student under {self.out}: run the init stage first")
 
+    def load_student(self, path: Path) -> HybridForCausalLM:
+        """A saved student, fp32, masking packed documents as this run's student.document_masking says."""
+        return load_student(path, document_masking=self.cfg.student.document_masking)
+
     def save_student(self, student: HybridForCausalLM, path: Path, dtype: torch.dtype | None = None) -> None:
         save_student(student, path, self.tokenizer, dtype)
 
@@ -159,7 +163,7 @@ class Context:
         weights of the stage's final checkpoint (ZeRO keeps bf16 or partitioned copies in the module)."""
         if not is_deepspeed(trainer.strategy):
             return live
-        student = load_student(source)
+        student = self.load_student(source)
         checkpoint = self.stage_dir(stage) / "checkpoints" / "last.ckpt"
         load_consolidated(student, consolidated_state_dict(checkpoint, prefix))
         return student
@@ -189,11 +193,15 @@ def _finite(node: Any) -> Any:
     return node
 
 
-def load_student(path: Path, dtype: torch.dtype | None = None) -> HybridForCausalLM:
+def load_student(
+    path: Path, dtype: torch.dtype | None = None, document_masking: str | None = None
+) -> HybridForCausalLM:
     """A student a stage saved; a damaged or missing one is a CheckpointError (exit 4) naming the stage that made
-    it and how to redo that stage."""
+    it and how to redo that stage. `document_masking` (student.document_masking) replaces the saved one: how packed
+    documents are masked is a choice of the run, not of the weights."""
+    overrides = {} if document_masking is None else {"document_masking": document_masking}
     try:
-        return HybridForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
+        return HybridForCausalLM.from_pretrained(path, dtype=dtype or torch.float32, **overrides)
     except Exception as error:  # safetensors, JSON, OSError: the student's files are not what save_student wrote
         stage = Path(path).parent.name if Path(path).name == "student" else Path(path).parent.parent.name
         reason = " ".join(str(error).split())[:300] or type(error).__name__

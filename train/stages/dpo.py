@@ -20,7 +20,7 @@ from data.preferences import collate_pairs, preference_splits
 from models import HybridForCausalLM
 from train.runtime.ranks import is_rank_zero
 
-from .context import Context, load_student
+from .context import Context
 from .module import DistillModule
 
 log = logging.getLogger(__name__)
@@ -100,7 +100,7 @@ def run(ctx: Context) -> dict:
     """Preference tuning of the latest student against a frozen copy of itself."""
     c = ctx.cfg.dpo
     source = ctx.latest_student_dir()
-    policy, reference = load_student(source), load_student(source)
+    policy, reference = ctx.load_student(source), ctx.load_student(source)
     train_pairs, eval_pairs = preference_splits(list(c.sources), ctx.tokenizer, ctx.data_cfg.seq_len, ctx.cfg.seed)
     pad = ctx.tokenizer.pad_token_id if ctx.tokenizer.pad_token_id is not None else ctx.tokenizer.eos_token_id
     collate = functools.partial(collate_pairs, pad_id=pad)

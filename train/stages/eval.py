@@ -26,7 +26,7 @@ from train.runtime.plots import plot_losses
 from train.runtime.teachers import separate_kd_teacher
 
 from . import TRAINING_STAGES
-from .context import Context, initialized_student_dir, load_student
+from .context import Context, initialized_student_dir
 from .kd import shared_vocabulary
 
 log = logging.getLogger(__name__)
@@ -160,7 +160,7 @@ def run(ctx: Context) -> dict:
     placement = eval_placement(ctx.cfg.trainer)
     initialized = initialized_student_dir(ctx.out)
     candidates = [("initialized student", initialized), ("final student", ctx.latest_student_dir())]
-    students = {name: load_student(path) for name, path in candidates if (path / "config.json").exists()}
+    students = {name: ctx.load_student(path) for name, path in candidates if (path / "config.json").exists()}
     rows: dict[str, dict] = {}
     # A separate KD teacher is scored too (row "kd teacher"), and the students against it (kl_to_kd_teacher,
     # top1_agreement_kd_teacher); the "teacher" row and keys stay those of teacher.*.

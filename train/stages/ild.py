@@ -133,7 +133,7 @@ def run(ctx: Context) -> dict:
         sources = {kind: candidates / kind for kind in candidate_kinds(ctx.cfg.select.fill_kinds)}
     else:
         sources = {"assigned": init / "student"}
-    students = {name: load_student(path) for name, path in sources.items()}
+    students = {name: ctx.load_student(path) for name, path in sources.items()}
     c = ctx.cfg.ild
     module = ILDModule(students, ctx.teacher, c.optimizer(), c, c.trainable)
     module.shard_teacher = ctx.cfg.teacher.shard

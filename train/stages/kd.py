@@ -19,7 +19,7 @@ from train.losses import IGNORE_INDEX, KDLossConfig, KDLossOutput, kd_loss, kd_t
 from train.runtime.ranks import is_rank_zero
 from train.runtime.teacher_cache import TeacherCache, open_teacher_cache
 
-from .context import Context, load_student
+from .context import Context
 from .module import DistillModule
 
 log = logging.getLogger(__name__)
@@ -121,7 +121,7 @@ class KDModule(DistillModule):
 
 def run(ctx: Context) -> dict:
     source = ctx.latest_student_dir()
-    student = load_student(source)
+    student = ctx.load_student(source)
     if ctx.cfg.student.gradient_checkpointing:
         student.gradient_checkpointing_enable()
     cache = open_teacher_cache(ctx.cfg, ctx.tokenizer) if ctx.cfg.kd.teacher_cache else None  # checked: exit 2

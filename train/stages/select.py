@@ -13,7 +13,7 @@ from models.mixers import candidate_kinds
 from models.select import select_map
 from train.runtime.plots import plot_selection
 
-from .context import Context, load_student, write_json
+from .context import Context, write_json
 from .ild import compose_student
 
 log = logging.getLogger(__name__)
@@ -31,7 +31,7 @@ def run(ctx: Context) -> dict:
             f"select.fill_kinds={fill_kinds}: ild aligned no {missing} candidate; rerun with restart_from=init"
         )
     losses = json.loads((ild / "layer_losses.json").read_text())
-    aligned = {kind: load_student(ild / "candidates" / kind) for kind in kinds}
+    aligned = {kind: ctx.load_student(ild / "candidates" / kind) for kind in kinds}
     teacher_bytes = teacher_cache_bytes(spec.num_layers, spec.num_kv_heads, spec.head_dim).per_token
     cache = layer_cache_bytes({kind: aligned[kind].config for kind in kinds})
     tokens = sel.context_tokens  # None: the budget counts bytes per token, constant state free (as before)
@@ -50,7 +50,7 @@ def run(ctx: Context) -> dict:
     mixer_types = selection.mixer_types
     folder = ctx.stage_dir("select")
     ctx.save_student(compose_student(aligned, mixer_types), folder / "student")
-    initial = {kind: load_student(ctx.stage_dir("init") / "candidates" / kind) for kind in kinds}
+    initial = {kind: ctx.load_student(ctx.stage_dir("init") / "candidates" / kind) for kind in kinds}
     ctx.save_student(compose_student(initial, mixer_types), folder / "initialized_student")
     chosen = [cache[i][k] for i, k in enumerate(mixer_types)]
     result = {
