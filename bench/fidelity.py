@@ -24,6 +24,7 @@ import argparse
 import json
 import logging
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -51,6 +52,7 @@ class Row:
     reuse: tuple[str, ...] = ()  # finished stages copied from the main row (init, ild, select)
     fixed_map: bool = False  # use main's selected MLA layers as a fixed list (rows without the select stage)
     no_ild: bool = False  # ILD's steps become KD steps (equal training tokens)
+    teacher_cache: bool = False  # KD from the teacher's top-k written first by python -m train.teacher_cache
 
 
 ROWS: dict[str, Row] = {
@@ -79,6 +81,19 @@ ROWS: dict[str, Row] = {
             "student.mla.kv_lora_rank=112",
         ),
         fixed_map=True,
+    ),
+    "teacher_cache": Row(
+        "KD from the teacher's cached top-64 log-probs (offline KD, no teacher forward), main's init/ILD/SMART",
+        ("kd.teacher_cache_k=64",),
+        reuse=("init", "ild", "select"),
+        teacher_cache=True,
+    ),
+    "mla_gdn": Row(
+        "SMART 8 MLA layers, Gated DeltaNet in the others (ILD of MLA and GDN)", ("select.fill_kinds=[gdn]",)
+    ),
+    "smart_3kinds": Row(
+        "SMART 8 MLA layers, each other layer Mamba2 or Gated DeltaNet by its ILD loss (three kinds)",
+        ("select.fill_kinds=[mamba,gdn]",),
     ),
     "rank64": Row(
         "kv_lora_rank 64 (main's layer map, ILD of the assigned mixers)",
@@ -144,12 +159,13 @@ def data_overrides(files: dict[str, Path], chat_weight: float, cache: Path) -> l
 # --------------------------------------------------------------------------------------------------- rows
 
 
-def row_command(name: str, row: Row, args: argparse.Namespace, budget: Budget, out: Path, main_map: list[int] | None):
+def row_command(
+    name: str, row: Row, args: argparse.Namespace, budget: Budget, out: Path, main_map: list[int] | None
+) -> list[list[str]]:
+    """The row's commands, run one after the other: the training run, after the teacher-cache writer if it has one
+    (the same overrides: the cache is keyed by the run's data and KD settings)."""
     kd_steps = budget.kd_steps + (budget.ild_steps if row.no_ild else 0)
-    command = [
-        sys.executable,
-        "-m",
-        "train",
+    overrides = [
         f"conf={PRESET}",
         f"teacher.name_or_path='{args.teacher}'",
         f"output_dir='{out / 'rows' / name}'",
@@ -163,8 +179,11 @@ def row_command(name: str, row: Row, args: argparse.Namespace, budget: Budget, o
     if row.fixed_map:
         if main_map is None:
             raise RuntimeError(f"row {name!r} uses main's layer map: run the main row first")
-        command.append(f"student.mla_layers=[{','.join(map(str, main_map))}]")
-    return command
+        overrides.append(f"student.mla_layers=[{','.join(map(str, main_map))}]")
+    if not row.teacher_cache:
+        return [[sys.executable, "-m", "train", *overrides]]
+    overrides.append(f"kd.teacher_cache='{out / 'rows' / name / 'teacher_cache'}'")
+    return [[sys.executable, "-m", module, *overrides] for module in ("train.teacher_cache", "train")]
 
 
 def run_rows(names: list[str], args, budget: Budget, out: Path, deadline: float) -> dict[str, int]:
@@ -182,10 +201,19 @@ def run_rows(names: list[str], args, budget: Budget, out: Path, deadline: float)
             folder.mkdir(parents=True, exist_ok=True)
             for stage in row.reuse:
                 _reuse_stage(out / "rows" / "main" / stage, folder / stage)
-            command = row_command(name, row, args, budget, out, main_map)
-            (folder / "command.txt").write_text(" ".join(command) + "\n")
+            *before, command = row_command(name, row, args, budget, out, main_map)
+            (folder / "command.txt").write_text("\n".join(shlex.join(c) for c in [*before, command]) + "\n")
             handle = open(folder / "train.log", "a")  # noqa: SIM115 (closed when the process ends)
             log.info("row %s: start", name)
+            # The teacher-cache writer runs to its end first (its shards are atomic: a rerun finishes it); the
+            # trainer is the process the deadline signals, so it checkpoints.
+            failed = next((c for c in before if subprocess.run(c, stdout=handle, stderr=subprocess.STDOUT,
+                                                                cwd=REPO).returncode != 0), None)  # fmt: skip
+            if failed is not None:
+                handle.close()
+                codes[name] = 1
+                log.info("row %s: %s failed, see its train.log", name, failed[2])
+                continue
             running[name] = (subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, cwd=REPO), handle)
         time.sleep(2)
         for name, (process, handle) in list(running.items()):
@@ -281,9 +309,27 @@ def evaluate_row(row_dir: Path, teacher_dir: str, files: dict[str, Path], args) 
             result[name] = row
             students[name] = student
         result["eval_seconds"] = round(time.perf_counter() - start, 1)
+        for name, model in (("teacher", teacher), ("final", students.get("final"))):
+            if model is not None:
+                result[name]["decode_tokens_per_s"] = decode_tokens_per_s(model, tokenizer, placement.device)
         if "final" in students:
             result["samples"] = side_by_side_samples(teacher, students["final"], tokenizer, files["heldout"], args)
     return result
+
+
+def decode_tokens_per_s(model, tokenizer, device: torch.device, batch: int = 16, prompt: int = 128, new: int = 128):
+    """Greedy `generate` tokens/s at a batch of `batch` prompts of `prompt` tokens, `new` tokens each (its own
+    cache: the teacher's DynamicCache, the student's HybridCache), after one warmup call; forced to full length."""
+    ids = torch.randint(100, len(tokenizer), (batch, prompt), generator=torch.Generator().manual_seed(0)).to(device)
+    kwargs = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+    model.generate(ids, attention_mask=torch.ones_like(ids), **{**kwargs, "max_new_tokens": 8, "min_new_tokens": 8})
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    model.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return round(batch * new / (time.perf_counter() - start), 1)
 
 
 def side_by_side_samples(teacher, student, tokenizer, heldout: Path, args) -> dict[str, list[dict]]:

@@ -25,6 +25,9 @@ ORDER = (
     "rope_per_kv_head",
     "rank64",
     "rank256",
+    "teacher_cache",
+    "mla_gdn",
+    "smart_3kinds",
 )
 
 
@@ -82,15 +85,22 @@ def main_table(entry: dict) -> list[str]:
     return lines
 
 
+def _decode(student: dict, teacher: dict) -> str:
+    """Greedy decode tokens/s at batch 16 (bench/fidelity.py decode_tokens_per_s), the teacher's beside it."""
+    if "decode_tokens_per_s" not in student:
+        return ""
+    return f"{student['decode_tokens_per_s']:,.0f} ({teacher.get('decode_tokens_per_s', 0):,.0f})"
+
+
 def ablation_table(rows: dict[str, dict]) -> list[str]:
     header = ("row", "what changes", "tokens ILD + KD", "held-out loss", "vs teacher", "KL", "top-1", "KV B/token")
-    lines = [_row(*header, "vs main"), _row(*["---"] * 9)]
+    lines = [_row(*header, "decode tok/s (teacher)", "vs main"), _row(*["---"] * 10)]
     main = rows.get("main", {}).get("heldout_packages", {}).get("final")
     for name in sorted(rows, key=lambda n: ORDER.index(n) if n in ORDER else len(ORDER)):
         entry = rows[name]
         held = entry.get("heldout_packages")
         if not held or "final" not in held:
-            lines.append(_row(name, entry["what"], _tokens(entry), entry.get("status", "not finished"), *[""] * 5))
+            lines.append(_row(name, entry["what"], _tokens(entry), entry.get("status", "not finished"), *[""] * 6))
             continue
         final, teacher = held["final"], held["teacher"]
         lines.append(
@@ -103,6 +113,7 @@ def ablation_table(rows: dict[str, dict]) -> list[str]:
                 f"{final['kl_to_teacher']:.4f}",
                 f"{final['top1_agreement']:.3f}",
                 f"{final['kv_bytes_per_token']:,}",
+                _decode(final, teacher),
                 _pct(final["loss"], main["loss"]) if main and name != "main" else "",
             )
         )

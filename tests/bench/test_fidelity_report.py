@@ -67,9 +67,14 @@ def test_render_tables_plots_and_kept_notes(tmp_path):
 def test_rows_get_equal_tokens_and_main_map():
     args = argparse.Namespace(teacher="/t.gguf")
     budget = Budget(100, 400, ["data.seq_len=2048"])
-    main = row_command("main", ROWS["main"], args, budget, Path("/o"), None)
+    [main] = row_command("main", ROWS["main"], args, budget, Path("/o"), None)
+    assert main[1:3] == ["-m", "train"]
     assert "ild.max_steps=100" in main and "kd.max_steps=400" in main and "conf=smollm2_135m" in main
-    no_ild = row_command("no_ild", ROWS["no_ild"], args, budget, Path("/o"), [0, 9, 29])
+    [no_ild] = row_command("no_ild", ROWS["no_ild"], args, budget, Path("/o"), [0, 9, 29])
     assert "kd.max_steps=500" in no_ild and "student.mla_layers=[0,9,29]" in no_ild  # ILD's steps move to KD
     with pytest.raises(RuntimeError, match="main row first"):
         row_command("no_ild", ROWS["no_ild"], args, budget, Path("/o"), None)
+    # offline KD: the cache writer first, with the training run's overrides (the cache is keyed by them)
+    writer, cached = row_command("teacher_cache", ROWS["teacher_cache"], args, budget, Path("/o"), None)
+    assert writer[1:3] == ["-m", "train.teacher_cache"] and cached[1:3] == ["-m", "train"]
+    assert writer[3:] == cached[3:] and "kd.teacher_cache='/o/rows/teacher_cache/teacher_cache'" in cached
