@@ -186,12 +186,9 @@ def _check_student(cfg: TrainConfig, spec) -> None:
     if s.mla.energy is not None:
         between("student.mla.energy", s.mla.energy, 0.0, 1.0, open_low=True)
     choice("student.mamba.conv_init", s.mamba.conv_init, mixer_mamba2.CONV_INITS)
-    from models.documents import DOCUMENT_MASKINGS
-
-    choice("student.document_masking", s.document_masking, DOCUMENT_MASKINGS)
-    if s.document_masking == "flex" and cfg.trainer.accelerator == "cpu":
-        fail("student.document_masking", "flex", "auto or dense with trainer.accelerator=cpu (FlexAttention has no "
-             "CPU backward)")  # fmt: skip
+    cpu = cfg.trainer.accelerator == "cpu"  # flex: FlexAttention has no CPU backward
+    if s.document_masking not in ("auto", "dense", *(() if cpu else ("flex",))):
+        fail("student.document_masking", s.document_masking, f"auto | dense | flex{' (flex not on cpu)' * cpu}")
     from models.init.transfer import MIXER_INITS
 
     choice("student.mixer_init", s.mixer_init, MIXER_INITS)
