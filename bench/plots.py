@@ -92,14 +92,17 @@ def plot_generate(results: dict, stem: Path) -> list[Path]:
 
 
 def long_context_series(results: dict) -> dict[tuple[str, str], list[tuple[int, float, float | None]]]:
-    """From a bench/train.py results file: per (stage, masking), (seq_len, tokens/s per GPU, peak GiB) rows in
-    sequence order, for the runs bench/run_long_context.sh records (keys with their masking)."""
+    """From a bench/train.py results file: per (stage, masking), (seq_len, tokens/s per GPU, peak GiB per 1K tokens
+    of a micro-batch) rows in sequence order, for the runs bench/run_long_context.sh records (keys with their
+    masking; "+ckpt" after the masking where activation checkpointing was on)."""
     series: dict[tuple[str, str], list[tuple[int, float, float | None]]] = {}
     for key, row in results.get("results", {}).items():
         masking = row.get("document_masking")
         if masking is None or "tokens_per_s_per_gpu" not in row:
             continue
-        entry = (row["seq_len"], row["tokens_per_s_per_gpu"], row.get("peak_memory_gib"))
+        gib, tokens = row.get("peak_memory_gib"), row["seq_len"] * row.get("micro_batch", 1)
+        entry = (row["seq_len"], row["tokens_per_s_per_gpu"], None if gib is None else 1024 * gib / tokens)
+        masking += "+ckpt" if row.get("gradient_checkpointing") else ""
         series.setdefault((key.split("/")[0], masking), []).append(entry)
     return {name: sorted(rows) for name, rows in sorted(series.items())}
 
@@ -110,14 +113,14 @@ def plot_long_context(results: dict, stem: Path) -> list[Path]:
     stem, series, paths = Path(stem), long_context_series(results), []
     panels = [
         ("throughput", "training tokens/s per GPU", lambda s, tps, gib: tps),
-        ("memory", "peak GiB per 1K tokens of a row", lambda s, tps, gib: None if gib is None else 1024 * gib / s),
+        ("memory", "peak GiB per 1K tokens of a micro-batch", lambda s, tps, gib: gib),
     ]
     for name, ylabel, value in panels:
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for (stage, masking), rows in series.items():
             points = [(s, value(s, tps, gib)) for s, tps, gib in rows if value(s, tps, gib) is not None]
             if points:
-                style = "-" if masking in ("flex", "auto") else "--"
+                style = "-" if masking.startswith(("flex", "auto")) else "--"
                 ax.plot(*zip(*points, strict=True), style, marker="o", label=f"{stage}, {masking} masks")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("sequence length (tokens)")

@@ -112,16 +112,21 @@ def build_teacher(
     return model.train() if trainable else model.eval().requires_grad_(False)
 
 
-def build_student(preset: str, device: torch.device, masking: str = "dense") -> HybridForCausalLM:
+def build_student(
+    preset: str, device: torch.device, masking: str = "dense", checkpointing: bool | None = None
+) -> HybridForCausalLM:
     """The preset's student shape (from its own teacher's config), random weights, fp32 master weights, with the
-    preset's activation checkpointing (student.gradient_checkpointing, as train/pipeline.py applies it)."""
+    preset's activation checkpointing (student.gradient_checkpointing, as train/pipeline.py applies it) unless
+    `checkpointing` says otherwise."""
     name = "smoke" if preset == "smoke" else PRESET_TEACHER[preset]
     spec = describe_teacher(LlamaConfig(**TEACHERS[name], architectures=["LlamaForCausalLM"]))
     config = build_student_config(spec, **student_settings(preset))
     config.document_masking = masking
     with torch.device(device):
         student = HybridForCausalLM(config)
-    if preset != "smoke" and preset_student(preset).gradient_checkpointing:
+    if checkpointing is None:
+        checkpointing = preset != "smoke" and preset_student(preset).gradient_checkpointing
+    if checkpointing:
         student.gradient_checkpointing_enable()
     return student
 
@@ -197,15 +202,16 @@ def make_module(
     kd_triton: bool = True,
     masking: str = "dense",
     data: SyntheticPacked | None = None,
+    checkpointing: bool | None = None,
 ) -> L.LightningModule:
     if stage == "kd_cached":  # offline KD: no teacher at all, the top-k read from a cache of `data`'s rows
-        student = build_student(preset, device, masking)
+        student = build_student(preset, device, masking, checkpointing)
         return KDModule(student, None, OPTIM, KDLossConfig(chunk_tokens=4096), synthetic_teacher_cache(data))
     if stage == "teacher_ce":
         return TeacherCE(build_teacher(teacher_name, device, torch.float32, trainable=True, masking=masking))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     teacher = build_teacher(teacher_name, device, dtype, masking=masking)
-    student = build_student(preset, device, masking)
+    student = build_student(preset, device, masking, checkpointing)
     if stage == "kd":
         return KDModule(student, teacher, OPTIM, KDLossConfig(chunk_tokens=4096, use_triton=kd_triton))
     if stage == "ild":
@@ -265,7 +271,9 @@ def trainer_run(args, stage: str, data: SyntheticPacked) -> dict | None:
             total = torch.cuda.get_device_properties(device).total_memory
             torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_cap_gib * 2**30 / total), device)
     print(f"[{stamp()}] building {stage} models", flush=True)
-    module = make_module(stage, args.preset, args.teacher, device, not args.kd_torch, args.masking, data)
+    module = make_module(
+        stage, args.preset, args.teacher, device, not args.kd_torch, args.masking, data, args.gradient_checkpointing
+    )
     print(f"[{stamp()}] built; Trainer starts", flush=True)
     timer = StepTimer(args.warmup)
     kernels = SDPAKernelReport()  # which SDPA kernels a step runs: a math fallback shows up in the results
@@ -301,6 +309,7 @@ def trainer_run(args, stage: str, data: SyntheticPacked) -> dict | None:
         "memory_cap_gib": args.memory_cap_gib,
         "seq_len": args.seq,
         "document_masking": args.masking,
+        "gradient_checkpointing": args.gradient_checkpointing,
         "teacher": args.teacher,
         "step_ms": 1e3 * step,
         "data_wait_ms": 1e3 * median(timer.data),
@@ -456,6 +465,12 @@ def main() -> None:
         help="student.compile (torch.compile of norms, MLP gate, Mamba2 conv); default: the preset's",
     )
     parser.add_argument(
+        "--gradient-checkpointing",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="student.gradient_checkpointing (recompute each block in backward); default: the preset's",
+    )
+    parser.add_argument(
         "--light-autotune", action="store_true", help="2 autotune configs per mamba-ssm kernel (fresh machines)"
     )
     parser.add_argument("--kd-torch", action="store_true", help="KD loss through torch ops, not the Triton kernel")
@@ -495,6 +510,7 @@ def main() -> None:
     suffix += "/kd_torch" if args.kd_torch else ""
     suffix += "/compiled" if args.compile else ""
     suffix += "/light_autotune" if args.light_autotune else ""
+    suffix += {True: "/checkpointing", False: "/no_checkpointing", None: ""}[args.gradient_checkpointing]
     if args.seq > 2048 or args.masking is not None:  # long-context rows (keys of earlier 2K results unchanged)
         suffix += f"/seq{args.seq}/doc{args.doc_len}/{args.masking or 'dense'}"
     args.masking = args.masking or "dense"
