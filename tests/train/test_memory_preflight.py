@@ -107,3 +107,19 @@ def test_a_sharded_teacher_counts_one_slice_per_gpu_plus_its_gathered_head():
     # The refusal of plain ZeRO-3 on 2x 80 GB now names the teacher's setting too.
     with pytest.raises(ConfigError, match="teacher.shard=true"):
         preflight(_cfg("conf=zebra_8b", "trainer.devices=2"), LLAMA_8B, None, capacity_gib=80.0)
+
+
+def test_ild_for_smart_over_three_kinds_counts_every_candidate():
+    """select.fill_kinds=[mamba,gdn]: ILD trains an all-MLA, an all-Mamba2 and an all-GDN candidate, so the student
+    terms grow by the GDN candidate's parameters (and its activations), not by nothing."""
+    from models import HybridForCausalLM
+    from models.init.student_config import build_student_config
+
+    smart = ("conf=zebra_1b", "trainer.devices=1", "stages=[init,ild,select,kd]", "student.mla_layers=smart",
+             "student.num_mla_layers=4")  # fmt: skip
+    two = estimate_stage(_cfg(*smart), "ild", LLAMA_1B)
+    three = estimate_stage(_cfg(*smart, "select.fill_kinds=[mamba,gdn]"), "ild", LLAMA_1B)
+    with torch.device("meta"):
+        gdn = HybridForCausalLM(build_student_config(LLAMA_1B, mla_layers=None, mixer_types=["gdn"] * 16))
+    trainable = sum(p.numel() for p in gdn.parameters())
+    assert three.total - two.total >= 4 * trainable  # at least its fp32 weights (more: gradients, optimizer state)

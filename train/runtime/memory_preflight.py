@@ -74,8 +74,9 @@ def teacher_params(spec: TeacherSpec) -> int:
 
 
 def _students(cfg: TrainConfig, spec: TeacherSpec, stage: str) -> list[Any]:
-    """The stage's students, built on the meta device: the assigned map, or one candidate per mixer kind (ILD when
-    select chooses the map; `smart` maps are sized as the larger of all-MLA and all-Mamba2)."""
+    """The stage's students, built on the meta device: the assigned map, or one candidate per kind of MLA and
+    select.fill_kinds (ILD when select chooses the map); `smart` maps are sized as the larger of all-MLA and
+    all-Mamba2."""
     from models import HybridForCausalLM
     from models.init.student_config import build_student_config
     from models.mixers import candidate_kinds
@@ -87,7 +88,8 @@ def _students(cfg: TrainConfig, spec: TeacherSpec, stage: str) -> list[Any]:
     for init_only in ("rope_pairs", "conv_init", "mixer_init"):
         kwargs.pop(init_only)
     if stage == "ild" and candidates:
-        maps = [{"mla_layers": None, "mixer_types": [kind] * spec.num_layers} for kind in candidate_kinds()]
+        kinds = candidate_kinds(cfg.select.fill_kinds)  # MLA and every select.fill_kinds kind, as ILD builds them
+        maps = [{"mla_layers": None, "mixer_types": [kind] * spec.num_layers} for kind in kinds]
     elif kwargs["mla_layers"] == "smart":
         maps = [{"mla_layers": "all"}, {"mla_layers": "none"}]
     else:
