@@ -29,13 +29,18 @@ def test_training_benchmark_smoke_writes_results(tmp_path):
 
 def test_accumulated_steps_count_every_micro_batch(tmp_path):
     out = tmp_path / "train.json"
-    command = [sys.executable, "-m", "bench.train", "--smoke", "--stages", "kd", "--steps", "2", "--accumulate", "2"]
-    result = subprocess.run([*command, "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    command = [sys.executable, "-m", "bench.train", "--smoke", "--stages", "kd,kd_cached", "--steps", "2"]
+    result = subprocess.run([*command, "--accumulate", "2", "--out", str(out)], cwd=REPO, capture_output=True,
+                            text=True, timeout=300)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    kd = json.loads(out.read_text())["results"]["kd/auto/1x/smoke/mb2x2"]
-    assert kd["steps_timed"] == 2 and kd["accumulate_grad_batches"] == 2
-    tokens_per_step = kd["tokens_per_s_per_gpu"] * kd["step_ms"] / 1e3
-    assert abs(tokens_per_step - 2 * 2 * 128) < 1e-6  # micro-batch x accumulation x sequence
+    results = json.loads(out.read_text())["results"]
+    for stage in ("kd", "kd_cached"):  # offline KD: the same student from a cache file, no teacher
+        kd = results[f"{stage}/auto/1x/smoke/mb2x2"]
+        assert kd["steps_timed"] == 2 and kd["accumulate_grad_batches"] == 2
+        tokens_per_step = kd["tokens_per_s_per_gpu"] * kd["step_ms"] / 1e3
+        assert abs(tokens_per_step - 2 * 2 * 128) < 1e-6  # micro-batch x accumulation x sequence
+    assert results["kd_cached/auto/1x/smoke/mb2x2"]["flops_per_token"] < results["kd/auto/1x/smoke/mb2x2"][
+        "flops_per_token"]  # fmt: skip
 
 
 def test_step_timer_sums_the_micro_batches_of_an_optimizer_step(monkeypatch):
