@@ -393,3 +393,20 @@ def test_rope_scaling_is_refused_where_it_cannot_apply(teacher_dirs):
         ["conf=zebra_1b", f"teacher.name_or_path={llama3}", "teacher.rope_scaling={rope_type:yarn,factor:2}"]
     )
     assert "already scaled (llama3)" in message and "131072" in message
+
+
+def test_the_documented_long_context_overrides_validate(teacher_dirs):
+    """docs/performance.md's 8K / 16K / 32K commands, read from the page, compose and validate on the 1B's shapes."""
+    import re
+    import shlex
+
+    page = (Path(__file__).resolve().parents[2] / "docs" / "performance.md").read_text()
+    section = page.split("### Training at 8K, 16K and 32K")[1].split("```")[1]
+    commands = [shlex.split(c) for c in re.sub(r"\\\n\s*", " ", section).splitlines() if c.startswith("python")]
+    assert [c[c.index("conf=zebra_1b") + 1] for c in commands] == [f"data.seq_len={n}" for n in (8192, 16384, 32768)]
+    local = teacher_dirs["meta-llama/Llama-3.2-1B-Instruct"]
+    for command in commands:
+        cfg = compose_config([*command[3:], f"teacher.name_or_path={local}"])
+        validate_config(cfg)
+        assert cfg.student.document_masking == "auto" and cfg.teacher.attn_implementation == "auto"
+        assert cfg.data.seq_len * cfg.data.micro_batch_size <= 32768
