@@ -3,6 +3,8 @@ numbers of the dense-mask reference, for the student (logits and gradients, bf16
 at 8K tokens with documents that span blocks. Errors are printed before the asserts (the device log is the record).
 """
 
+import copy
+
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -62,9 +64,14 @@ def test_teacher_flex_attention_equals_the_dense_mask_at_8k():
     shape = {**TINY_LLAMA, "hidden_size": 512, "intermediate_size": 1024, "num_attention_heads": 8, "head_dim": 64}
     config = LlamaConfig(**{**shape, "num_hidden_layers": 2, "max_position_embeddings": LENGTH})
     torch.manual_seed(0)
-    sdpa = LlamaForCausalLM._from_config(config, attn_implementation="sdpa", dtype=torch.bfloat16).to(DEVICE).eval()
-    flex = LlamaForCausalLM._from_config(config, attn_implementation="flex_attention", dtype=torch.bfloat16)
-    flex = flex.to(DEVICE).eval()
+    # A config each: _from_config sets the attention implementation on the config it is given, so two models of one
+    # config object would both run the last one set (an H100 run of this test compared flex with flex: 0.0).
+    sdpa, flex = (
+        LlamaForCausalLM._from_config(copy.deepcopy(config), attn_implementation=kind, dtype=torch.bfloat16)
+        for kind in ("sdpa", "flex_attention")
+    )
+    assert (sdpa.config._attn_implementation, flex.config._attn_implementation) == ("sdpa", "flex_attention")
+    sdpa, flex = sdpa.to(DEVICE).eval(), flex.to(DEVICE).eval()
     flex.load_state_dict(sdpa.state_dict())
     ids = torch.randint(0, TINY_LLAMA["vocab_size"], (len(DOCS), LENGTH), device=DEVICE)
     batch = {"input_ids": ids, "position_ids": _positions()}
