@@ -3,6 +3,7 @@
 #   bash bench/run_train_h100.sh [results.json] [log folder]            # zebra_1b on 1 GPU + GPU tests, ~9 min
 #   PART=2gpu bash bench/run_train_h100.sh [results.json] [log folder]  # zebra_1b 1 vs 2 GPUs, 8B teacher, ~8 min
 #   PART=8b bash bench/run_train_h100.sh [results.json] [log folder]    # zebra_8b KD on 2x 80 GB, ~7 minutes
+#   PART=cached bash bench/run_train_h100.sh [results.json] [log folder] # KD: live 8B teacher vs a top-64 cache, ~8 min
 # Triton's autotuning results are cached on disk, so only the first process pays for them.
 # zebra_8b: plain ZeRO-3 needs ~83 GB per GPU before activations on 2 GPUs, so the optimizer goes to CPU memory
 # (deepspeed_zero3_offload_optimizer; DeepSpeed's CPU Adam, its C++ op built first, about a minute), at the
@@ -51,6 +52,15 @@ if [[ $part == 8b ]]; then
         step 150 zebra_8b_kd_zero3 --preset zebra_8b --stages kd --devices 2 --strategy deepspeed_zero3 \
             --micro-batch 1 --steps 3 --warmup 1 "${cap[@]}"
     fi
+    gpu_tests
+    exit 0
+fi
+if [[ $part == cached ]]; then  # offline KD: the zebra_1b student from the live 8B teacher (call E's settings) and
+    # from a top-64 cache file of the same rows (no teacher), one GPU each, same machine; then the GPU tests
+    for stage in kd kd_cached; do
+        step 170 "teacher8b_$stage" --preset zebra_1b --stages "$stage" --teacher llama_3_1_8b --micro-batch 4 \
+            --strategy deepspeed_zero2 --compile --light-autotune --steps 8
+    done
     gpu_tests
     exit 0
 fi
