@@ -42,9 +42,12 @@ def source_ids(tokenizer, tokens: int) -> torch.Tensor:
     return tokenizer(text, return_tensors="pt")["input_ids"][:, :tokens]
 
 
-def gap_row(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, head: torch.Tensor, ids: torch.Tensor, k: int):
-    """Top-k loss vs full KL and the cosine of their gradients wrt the student's hidden states (1, T, D); both models
-    end in `head` (the student's lm_head starts as the teacher's)."""
+def gap_rows(
+    student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, head: torch.Tensor, ids: torch.Tensor, ks=KS
+) -> list[dict]:
+    """Per k: the top-k loss vs the full KL and the cosine of their gradients wrt the student's hidden states
+    (1, T, D); both models end in `head` (the student's lm_head starts as the teacher's). The full loss, its gradient
+    and the teacher's logits are computed once for all k."""
     cfg = KDLossConfig(use_triton=False)
     targets = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], dim=1)
     h_full = student_hidden.detach().requires_grad_(True)
@@ -52,16 +55,19 @@ def gap_row(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, head: to
     full.loss.backward()
     with torch.no_grad():
         teacher_logits = F.linear(teacher_hidden, head)
-    top_ids, logp, rest = teacher_topk(teacher_logits.reshape(-1, teacher_logits.shape[-1]), k, cfg.temperature)
     shape = teacher_logits.shape[:2]
-    h_top = student_hidden.detach().requires_grad_(True)
-    top = kd_topk_loss(h_top, head, top_ids.reshape(*shape, k), logp.reshape(*shape, k), rest.reshape(shape),
-                       targets, cfg)  # fmt: skip
-    top.loss.backward()
-    cos = F.cosine_similarity(h_full.grad.flatten(), h_top.grad.flatten(), dim=0).item()
-    teacher_mass = logp.exp().sum(-1).mean().item()
-    return {"k": k, "full_kl": full.loss.item(), "topk_kl": top.loss.item(), "relative_gap": 1 - top.loss.item() /
-            full.loss.item(), "grad_cosine": cos, "teacher_mass_in_topk": teacher_mass}  # fmt: skip
+    rows = []
+    for k in ks:
+        top_ids, logp, rest = teacher_topk(teacher_logits.reshape(-1, teacher_logits.shape[-1]), k, cfg.temperature)
+        h_top = student_hidden.detach().requires_grad_(True)
+        top = kd_topk_loss(h_top, head, top_ids.reshape(*shape, k), logp.reshape(*shape, k), rest.reshape(shape),
+                           targets, cfg)  # fmt: skip
+        top.loss.backward()
+        cos = F.cosine_similarity(h_full.grad.flatten(), h_top.grad.flatten(), dim=0).item()
+        rows.append({"k": k, "full_kl": full.loss.item(), "topk_kl": top.loss.item(), "relative_gap": 1 -
+                     top.loss.item() / full.loss.item(), "grad_cosine": cos,
+                     "teacher_mass_in_topk": logp.exp().sum(-1).mean().item()})  # fmt: skip
+    return rows
 
 
 def noisy_hidden(hidden: torch.Tensor, head: torch.Tensor, teacher_logits: torch.Tensor, target_kl: float):
@@ -103,7 +109,7 @@ def measure(teacher, spec, tokenizer, tokens: int, ks=KS) -> dict:
     head = teacher.lm_head.weight.detach()  # the student's head starts as the teacher's (tied embeddings copied)
     rows = {}
     for name, hidden in student_hiddens(teacher, spec, ids, teacher_hidden).items():
-        rows[name] = [gap_row(hidden, teacher_hidden, head, ids, k) for k in ks]
+        rows[name] = gap_rows(hidden, teacher_hidden, head, ids, ks)
     return {"tokens": ids.shape[1], "vocab": head.shape[0], "students": rows}
 
 

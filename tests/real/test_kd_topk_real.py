@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from bench.kd_topk_real import gap_row, noisy_hidden, source_ids
+from bench.kd_topk_real import gap_rows, noisy_hidden, source_ids
 
 
 def test_cached_topk_kd_follows_the_full_kl_on_smollm2(smollm2):
@@ -17,7 +17,7 @@ def test_cached_topk_kd_follows_the_full_kl_on_smollm2(smollm2):
         hidden = teacher.model(ids).last_hidden_state
     head = teacher.lm_head.weight.detach()
     student = noisy_hidden(hidden, head, torch.nn.functional.linear(hidden, head), 0.5)
-    rows = [gap_row(student, hidden, head, ids, k) for k in (8, 64, 1024)]
+    rows = gap_rows(student, hidden, head, ids, (8, 64, 1024))
     for r in rows:
         gap, mass = 100 * r["relative_gap"], r["teacher_mass_in_topk"]
         print(f"k={r['k']}: full KL {r['full_kl']:.4f}, top-k {r['topk_kl']:.4f}, gap {gap:.1f} %, gradient cosine "
