@@ -4,11 +4,6 @@ attention, config, export.
 (The registry contract, a GDN-only model's forward and its cache bytes are checked for every kind in
 tests/models/test_mixers.py; the kernels in tests/models/test_gated_delta.py.)"""
 
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -18,7 +13,7 @@ from models.init import build_student_config, convert_teacher
 from models.teachers import describe_teacher, load_teacher
 
 from .test_init import COMMON, saved_teacher
-from .tiny import rel_err, tiny_model
+from .tiny import rel_err, run_exported, tiny_model
 
 DOC_LENGTHS = [(5, 11, 3), (9, 10)]
 LENGTH = 19
@@ -179,16 +174,10 @@ def test_mixed_student_exports_reloads_and_generates_with_its_cache(tmp_path):
     model.save_pretrained(tmp_path)
     torch.save({"ids": ids, "logits": expected}, tmp_path / "check.pt")
     assert {"mixer_gdn.py", "gated_delta.py"} <= {p.name for p in tmp_path.iterdir()}
-    repo = str(Path(__file__).resolve().parents[2])
-    script = textwrap.dedent(
-        f"""
-        import sys, torch
-        sys.path = [p for p in sys.path if p not in ("", {repo!r})]
-        from transformers import AutoModelForCausalLM
-        model = AutoModelForCausalLM.from_pretrained({str(tmp_path)!r}, trust_remote_code=True).eval()
-        assert "models" not in sys.modules, "our package must not be imported"
+    run_exported(
+        tmp_path,
+        """
         assert model.config.mixer_types == ["gdn", "mamba", "mla", "gdn"]
-        check = torch.load({str(tmp_path / "check.pt")!r})
         with torch.no_grad():
             logits = model(check["ids"]).logits
             assert torch.allclose(logits, check["logits"], atol=1e-5), (logits - check["logits"]).abs().max()
@@ -197,16 +186,5 @@ def test_mixed_student_exports_reloads_and_generates_with_its_cache(tmp_path):
             for _ in range(6):
                 seq = torch.cat([seq, model(seq).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
         assert torch.equal(out, seq), (out, seq)
-        print("ok", type(model).__module__)
-        """
+        """,
     )
-    result = subprocess.run(
-        [sys.executable, "-c", script],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={"HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules"), "PATH": "/usr/bin:/bin"},
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "ok transformers_modules" in result.stdout

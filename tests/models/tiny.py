@@ -1,5 +1,10 @@
 """Tiny hybrid students for tests (random weights, every code path exercised)."""
 
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
 import torch
 
 from models import HybridConfig, HybridForCausalLM
@@ -53,3 +58,29 @@ def _randomize_mamba(model: HybridForCausalLM) -> None:
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def run_exported(folder: Path, body: str) -> None:
+    """Run `body` in a fresh interpreter whose sys.path does not hold this repository, after it has loaded the student
+    saved in `folder` through AutoModelForCausalLM(trust_remote_code=True) as `model` (checking that our package was
+    not imported) and `folder/check.pt` as `check`; it must exit 0 with the model's code from the exported files."""
+    repo = str(Path(__file__).resolve().parents[2])
+    preamble = f"""
+        import sys, torch
+        sys.path = [p for p in sys.path if p not in ("", {repo!r})]
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained({str(folder)!r}, trust_remote_code=True).eval()
+        assert "models" not in sys.modules, "our package must not be imported"
+        check = torch.load({str(folder / "check.pt")!r})
+        """
+    script = textwrap.dedent(preamble) + textwrap.dedent(body) + '\nprint("ok", type(model).__module__)\n'
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=folder,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(folder / "modules"), "PATH": "/usr/bin:/bin"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "ok transformers_modules" in result.stdout
