@@ -106,6 +106,31 @@ def modules() -> dict[str, tuple[ILDModule | KDModule, str]]:
     }
 
 
+def run_zero3_processes(module: str, out: Path, label: str, timeout: int = 300) -> None:
+    """`python -m <module> <out>`, whose __main__ runs ZeRO-3 steps on 2 CPU processes (zero3_cpu_trainer), writes its
+    records under `out` and ends with leave_zero3_process(); it must exit 0."""
+    start = time.perf_counter()
+    result = subprocess.run(
+        [sys.executable, "-m", module, str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "DS_ACCELERATOR": "cpu"},  # CPU processes even on a GPU host
+    )
+    print(f"{label} on 2 CPU processes: {time.perf_counter() - start:.1f} s")
+    assert result.returncode == 0, result.stderr[-4000:]
+
+
+def leave_zero3_process() -> None:
+    """The end of such a process, every record written. Under load, interpreter teardown with DeepSpeed's gloo groups
+    alive aborted once ("terminate called without an active exception", exit -6): close the group, leave at once."""
+    torch.distributed.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def zero3_cpu_trainer(callbacks: list | None = None):
     """A one-step Lightning Trainer under DeepSpeed ZeRO-3 on 2 CPU processes, every parameter partitioned (the
     persistence threshold 0: no small parameter stays replicated)."""
@@ -159,17 +184,7 @@ def reference_step(module: ILDModule | KDModule) -> None:
 def test_zero3_ild_and_kd_steps_match_single_process(tmp_path):
     from train.runtime.deepspeed_strategy import load_consolidated
 
-    start = time.perf_counter()
-    result = subprocess.run(
-        [sys.executable, "-m", "tests.train.test_deepspeed_zero3_cpu", str(tmp_path)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "DS_ACCELERATOR": "cpu"},  # CPU processes even on a GPU host
-    )
-    print(f"ZeRO-3 steps on 2 CPU processes: {time.perf_counter() - start:.1f} s")
-    assert result.returncode == 0, result.stderr[-4000:]
+    run_zero3_processes("tests.train.test_deepspeed_zero3_cpu", tmp_path, "ZeRO-3 steps")
     for name, (module, _) in modules().items():
         live = module.students["assigned"] if name == "ild" else module.student
         trained = {k for k, p in live.named_parameters(remove_duplicate=False) if p.requires_grad}
@@ -191,3 +206,4 @@ def test_zero3_ild_and_kd_steps_match_single_process(tmp_path):
 
 if __name__ == "__main__":
     zero3_steps(Path(sys.argv[1]))
+    leave_zero3_process()

@@ -17,10 +17,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import lightning as L
@@ -38,8 +35,10 @@ from .test_deepspeed_zero3_cpu import (
     ROWS,
     GradILD,
     GradKD,
+    leave_zero3_process,
     reference_step,
     rows,
+    run_zero3_processes,
     student,
     zero3_cpu_trainer,
 )
@@ -100,17 +99,7 @@ def zero3_steps(out: Path) -> None:
 @pytest.fixture(scope="module")
 def zero3_out(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("sharded_teacher")
-    start = time.perf_counter()
-    result = subprocess.run(
-        [sys.executable, "-m", "tests.train.test_sharded_teacher_cpu", str(out)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "DS_ACCELERATOR": "cpu"},  # CPU processes even on a GPU host
-    )
-    print(f"{len(RUNS)} ZeRO-3 steps on 2 CPU processes: {time.perf_counter() - start:.1f} s")
-    assert result.returncode == 0, result.stderr[-4000:]
+    run_zero3_processes("tests.train.test_sharded_teacher_cpu", out, f"{len(RUNS)} ZeRO-3 steps", timeout=600)
     return out
 
 
@@ -193,9 +182,4 @@ def test_shard_with_zero3_validates():
 
 if __name__ == "__main__":
     zero3_steps(Path(sys.argv[1]))
-    # Every record is written. Under load, interpreter teardown with the two engines' gloo groups alive aborted
-    # once ("terminate called without an active exception", exit -6): close the group, then leave at once.
-    torch.distributed.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    leave_zero3_process()
