@@ -100,25 +100,41 @@ def use_block_mask(masking: str, device: torch.device) -> bool:
 
 def document_block_mask(position_ids: torch.Tensor) -> Any:
     """The `packed_causal_mask` of `position_ids` as a FlexAttention BlockMask (B, 1, T, T): causal within each
-    document. Blocks wholly before a query block's documents are never computed; memory is O(T^2 / 128^2)."""
-    from torch.nn.attention.flex_attention import create_block_mask
+    document. Blocks wholly before a query block's documents are never computed; memory is O(T^2 / 128^2).
+
+    Built from the documents' block ranges in plain torch, not by `create_block_mask`: its eager form evaluates
+    the mask at every (query, key) pair (the dense cost we avoid) and its compiled form sent ptxas past 3 minutes
+    on one H100 at 16K (a fresh Inductor kernel per length). Rows are nondecreasing in document number, so a
+    (query block, key block) pair below the diagonal holds a common document iff the key block's last document
+    reaches the query block's first, and is full iff both blocks lie in one document."""
+    from torch.nn.attention.flex_attention import BlockMask
 
     if (position_ids[:, 0] != 0).any():
         raise ValueError("position_ids must start every row with 0 (a row starts a document)")
     doc = document_index(position_ids)
     batch, length = position_ids.shape
+    starts = torch.arange(0, length, BLOCK_SIZE, device=doc.device)
+    ends = (starts + BLOCK_SIZE - 1).clamp(max=length - 1)
+    first, last = doc[:, starts], doc[:, ends]  # (B, n) document of each block's first / last token
+    n = starts.numel()
+    index = torch.arange(n, device=doc.device)
+    below = index[None, :] < index[:, None]  # (q block, kv block) strictly below the diagonal
+    whole = (ends - starts + 1 == BLOCK_SIZE)[None, :, None] & (ends - starts + 1 == BLOCK_SIZE)[None, None, :]
+    shared = last[:, None, :] >= first[:, :, None]  # the key block's last document reaches the query block's first
+    full = below & whole & (first[:, None, :] == last[:, :, None])  # (B, n, n): one document throughout
+    partial = ((below & shared) | torch.eye(n, dtype=torch.bool, device=doc.device)) & ~full
+
+    def as_blocks(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # counts, kept indices first
+        order = torch.argsort((~keep).to(torch.int8), dim=-1, stable=True)
+        return keep.sum(-1, dtype=torch.int32)[:, None], order.to(torch.int32)[:, None]
 
     def same_document_causal(b, h, q, k):
         return (k <= q) & (doc[b, q] == doc[b, k])
 
-    # Compiled on CUDA: the eager builder evaluates the mask at every (query, key) pair, the dense cost we avoid.
-    return create_block_mask(
-        same_document_causal,
-        batch,
-        None,
-        length,
-        length,
-        device=position_ids.device,
+    return BlockMask.from_kv_blocks(
+        *as_blocks(partial),
+        *as_blocks(full),
         BLOCK_SIZE=BLOCK_SIZE,
-        _compile=position_ids.device.type == "cuda",
+        mask_mod=same_document_causal,
+        seq_lengths=(length, length),
     )

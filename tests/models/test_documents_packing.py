@@ -98,6 +98,45 @@ def test_block_masks_equal_dense_masks_across_blocks(monkeypatch):
     assert rel_err(merged[0, 40:], got[0, 40:]) > 1e-2  # sensitivity: the block mask does isolate documents
 
 
+def test_document_block_masks_equal_flex_attentions_own_builder():
+    """`document_block_mask` derives the blocks from document ranges; FlexAttention's `create_block_mask` (eager:
+    the mask at every pair) is the reference: same partial and full blocks, same indices, both directions, on rows
+    whose length is not a multiple of the block, with documents inside, across and exactly on block edges."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    from models.documents import BLOCK_SIZE, document_block_mask, document_index
+
+    gen = torch.Generator().manual_seed(0)
+    rows = [(40, 200, 70, 90), (400,), (128, 128, 1, 143), (300, 100), (5, 128, 256, 11)]
+    rows += [tuple(torch.randint(1, 160, (8,), generator=gen).tolist()) for _ in range(3)]
+    for lengths in rows:
+        positions = torch.cat([torch.arange(n) for n in lengths])[None]
+        doc, length = document_index(positions), positions.shape[1]
+        reference = create_block_mask(
+            lambda b, h, q, k, doc=doc: (k <= q) & (doc[b, q] == doc[b, k]),
+            1,
+            None,
+            length,
+            length,
+            device="cpu",
+            BLOCK_SIZE=BLOCK_SIZE,
+            _compile=False,
+        )
+        got = document_block_mask(positions)
+        for counts, indices in [
+            ("kv_num_blocks", "kv_indices"),
+            ("full_kv_num_blocks", "full_kv_indices"),
+            ("q_num_blocks", "q_indices"),
+            ("full_q_num_blocks", "full_q_indices"),
+        ]:
+            n = getattr(reference, counts)
+            assert torch.equal(getattr(got, counts), n), (lengths, counts)
+            for q, m in enumerate(n.flatten().tolist()):  # the kept blocks; the order past them is free
+                want, have = getattr(reference, indices)[0, 0, q, :m], getattr(got, indices)[0, 0, q, :m]
+                assert sorted(have.tolist()) == sorted(want.tolist()), (lengths, indices, q)
+        assert torch.equal(got.to_dense(), reference.to_dense()), lengths
+
+
 def test_flex_masks_refuse_training_on_cpu():
     model = tiny_model(mixers=("mla",), document_masking="flex").train()
     positions = torch.cat([torch.arange(5), torch.arange(6)])[None]
