@@ -43,7 +43,7 @@ class HybridConfig(PretrainedConfig):
         max_position_embeddings: int = 2048,
         rope_parameters: dict | None = None,
         mixer_types: list[str] | None = None,
-        document_masking: str = "dense",
+        document_masking: str = "auto",
         initializer_range: float = 0.02,
         tie_word_embeddings: bool = False,
         use_cache: bool = True,
@@ -69,8 +69,8 @@ class HybridConfig(PretrainedConfig):
         for name, kind in MIXERS.items():
             setattr(self, name, asdict(config_from_dict(kind.settings, kwargs.pop(name, None))))
         # How MLA keeps packed documents apart without a cache (models/documents.py DOCUMENT_MASKINGS): a run-time
-        # choice like transformers' attn_implementation; every value gives the same numbers. "dense" until the block
-        # masks ("auto": flex on CUDA) are measured on the GPU (docs/performance.md, long packed rows).
+        # choice like transformers' attn_implementation; every value gives the same numbers. "auto": block masks on
+        # CUDA, equal to the dense mask and not slower from 2K to 32K (docs/performance.md, long packed rows).
         self.document_masking = document_masking
         self.initializer_range = initializer_range
         self.use_cache = use_cache

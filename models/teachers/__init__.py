@@ -18,6 +18,7 @@ from .capture import TeacherTrace
 from .loading import (
     TeacherLoadError,
     check_weight_files,
+    decoding_attention,
     load_teacher,
     load_teacher_config,
     resolve_teacher_path,
@@ -35,6 +36,7 @@ __all__ = [
     "adapter_for",
     "adapter_for_config",
     "check_weight_files",
+    "decoding_attention",
     "describe_teacher",
     "load_teacher",
     "load_teacher_config",

@@ -6,11 +6,13 @@ seconds, and local weight files are checked before `from_pretrained` reads them.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from ..errors import first_line
@@ -143,13 +145,29 @@ def check_rope_scaling(scaling: Mapping[str, Any]) -> dict[str, Any]:
     return scaling
 
 
-def resolve_attn_implementation(name: str) -> str:
-    """`auto`: FlexAttention where CUDA is available (packed documents through a BlockMask: no quadratic mask, empty
-    blocks skipped; models/documents.py), SDPA elsewhere (FlexAttention has no CPU backward and runs unfused
-    there). Any other name is transformers' own."""
+def resolve_attn_implementation(name: str, cuda: bool | None = None) -> str:
+    """`auto`: FlexAttention where the teacher runs on CUDA (`cuda`; default: CUDA is available), i.e. packed
+    documents through a BlockMask: no quadratic mask, empty blocks skipped (models/documents.py); SDPA elsewhere
+    (FlexAttention has no CPU backward and runs unfused there). Any other name is transformers' own."""
     if name != "auto":
         return name
-    return "flex_attention" if torch.cuda.is_available() else "sdpa"
+    return "flex_attention" if (torch.cuda.is_available() if cuda is None else cuda) else "sdpa"
+
+
+@contextmanager
+def decoding_attention(model: nn.Module) -> Iterator[None]:
+    """SDPA for `generate` on a teacher loaded with FlexAttention, restored afterwards: cached decoding has one
+    document per row and one query per step, where a block mask skips nothing, and transformers would build a new
+    compiled block mask per decoded length. Other models (the student, an SDPA teacher) are left as they are."""
+    config = getattr(model, "config", None)
+    flex = isinstance(model, PreTrainedModel) and getattr(config, "_attn_implementation", None) == "flex_attention"
+    if flex:
+        model.set_attn_implementation("sdpa")
+    try:
+        yield
+    finally:
+        if flex:
+            model.set_attn_implementation("flex_attention")
 
 
 def load_teacher(

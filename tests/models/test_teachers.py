@@ -259,6 +259,52 @@ def test_flex_attention_teachers_get_the_same_documents_through_a_block_mask(tmp
         expected = adapter_for(sdpa).logits(sdpa, batch)
         got = flex(**inputs).logits
         leaky = flex(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
+        traces = [adapter_for(m).capture(m, batch) for m in (sdpa, flex)]  # ILD's per-layer trace
     err, leak = (got - expected).abs().max().item(), (leaky - expected).abs().max().item()
-    print(f"flex_attention teacher vs dense-mask sdpa: max abs diff {err:.1e} (position ids only: {leak:.1e})")
-    assert err < 1e-4 and leak > 1e3 * max(err, 1e-7)
+    trace_err = max(
+        (b - a).abs().max().item()
+        for field in ("inputs", "attn_outputs", "outputs")
+        for a, b in zip(getattr(traces[0], field), getattr(traces[1], field), strict=True)
+    )
+    print(
+        f"flex_attention teacher vs dense-mask sdpa: max abs diff {err:.1e} (position ids only: {leak:.1e}), "
+        f"ILD trace {trace_err:.1e}"
+    )
+    assert err < 1e-4 and leak > 1e3 * max(err, 1e-7) and trace_err < 1e-4
+
+
+def test_flex_teachers_decode_through_sdpa_and_keep_flex_for_training(tmp_path):
+    """Eval's greedy generations (train/stages/eval.py `side_by_side`) run a FlexAttention teacher through SDPA
+    (cached decoding: one document per row, one query per step) and hand it back with FlexAttention."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from train.stages.eval import side_by_side
+
+    sdpa, _ = saved_teacher("llama", tmp_path, attn_implementation="sdpa")
+    flex, _ = load_teacher(str(tmp_path / "llama"), attn_implementation="flex_attention")
+    seen = []
+    generate = flex.generate
+    flex.generate = lambda *a, **k: (seen.append(flex.config._attn_implementation), generate(*a, **k))[1]
+    vocab = {f"t{i}": i for i in range(COMMON["vocab_size"])}
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t0")), pad_token="t0", unk_token="t0"
+    )
+    tokenizer.backend_tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    rows = side_by_side({"flex": flex, "sdpa": sdpa}, tokenizer, ["t5 t9 t3 t7", "t1 t2"], max_new_tokens=6)
+    assert seen == ["sdpa", "sdpa"] and flex.config._attn_implementation == "flex_attention"
+    assert all(row["flex"] == row["sdpa"] and row["flex"] for row in rows), rows
+
+
+def test_auto_attention_follows_the_runs_accelerator(tmp_path, monkeypatch):
+    """`teacher.attn_implementation=auto` means FlexAttention only where the run trains on CUDA: a run with
+    trainer.accelerator=cpu on a GPU machine keeps SDPA."""
+    from train.config import compose_config, typed_config
+    from train.runtime.teachers import load_resolved
+
+    saved_teacher("llama", tmp_path)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for accelerator, expected in [("cpu", "sdpa"), ("gpu", "flex_attention")]:
+        cfg = typed_config(compose_config([f"trainer.accelerator={accelerator}"]))
+        model, _ = load_resolved(str(tmp_path / "llama"), str(tmp_path / "llama"), "float32", cfg)
+        assert model.config._attn_implementation == expected, accelerator

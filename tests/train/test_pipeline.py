@@ -210,8 +210,8 @@ def test_stages_load_students_with_the_runs_document_masking(tmp_path):
     from train.config import typed_config
     from train.stages.context import Context
 
-    tiny_model(mixers=("mla", "mamba")).save_pretrained(tmp_path)
-    assert json.loads((tmp_path / "config.json").read_text())["document_masking"] == "dense"
+    tiny_model(mixers=("mla", "mamba"), document_masking="flex").save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["document_masking"] == "flex"
     for masking in ("auto", "dense"):
         cfg = typed_config(compose_config([f"student.document_masking={masking}"]))
         ctx = Context(cfg=cfg, out=tmp_path, teacher_path="tiny", tokenizer=None)

@@ -80,7 +80,9 @@ class TeacherConfig:
     name_or_path: str = TINY_TEACHER
     dtype: str = "float32"  # float32 | bfloat16 | float16: the frozen teacher's weights and forward
     trust_remote_code: bool = False
-    attn_implementation: str = "sdpa"  # transformers attention backend of the teacher
+    # transformers attention backend of the teacher; "auto": flex_attention on CUDA (packed documents through a block
+    # mask, no quadratic mask; docs/performance.md long packed rows), sdpa on CPU and for cached decoding
+    attn_implementation: str = "auto"
     rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)
     # Partition the frozen teacher's weights over the GPUs (DeepSpeed ZeRO-3, gathered per module in its forward)
     # instead of replicating it: ~1/N of its bytes per GPU, for a teacher too large to replicate. Needs a ZeRO-3
@@ -154,7 +156,7 @@ class StudentConfig:
     # Packed documents in MLA (models/documents.py): "auto" FlexAttention block masks on CUDA, the dense (B,1,T,T)
     # mask elsewhere | "dense" always the dense mask | "flex" always block masks (CUDA for training). Applied to
     # every student a stage loads, so it is a runtime choice: changing it never redoes init.
-    document_masking: str = "dense"
+    document_masking: str = "auto"
 
 
 # --------------------------------------------------------------------------------------------- training

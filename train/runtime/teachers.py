@@ -8,8 +8,11 @@ from __future__ import annotations
 from dataclasses import asdict
 from typing import Any
 
+import torch
+
 from models.gguf import find_gguf, gguf_cache_dir
 from models.teachers import TeacherLoadError, TeacherSpec, load_teacher, resolve_teacher_path
+from models.teachers.loading import resolve_attn_implementation
 from train.config import TINY_TEACHER, TrainConfig
 
 from .ranks import is_rank_zero, wait_for_file
@@ -38,7 +41,10 @@ def load_resolved(
             path,
             dtype=dtype,
             trust_remote_code=cfg.teacher.trust_remote_code,
-            attn_implementation=cfg.teacher.attn_implementation,
+            # auto: FlexAttention when the run trains on CUDA (a CPU run on a GPU machine keeps SDPA)
+            attn_implementation=resolve_attn_implementation(
+                cfg.teacher.attn_implementation, cuda=torch.cuda.is_available() and cfg.trainer.accelerator != "cpu"
+            ),
             rope_scaling=rope_scaling,
         )
     except TeacherLoadError as error:
