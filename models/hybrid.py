@@ -136,6 +136,19 @@ class HybridModel(HybridPreTrainedModel):
         inv_freq, scaling = rope_inv_freq(c.rope_parameters, c.head_dim, c.max_position_embeddings, position_ids.device)
         return rope_cos_sin(position_ids, inv_freq, scaling)
 
+    def documents(self, position_ids: torch.Tensor, past: int = 0, cache: HybridCache | None = None) -> Documents:
+        """The packed documents of `position_ids` as every layer takes them; without a cache, rows of several
+        documents get the BlockMask that `config.document_masking` asks for on this device (ILD calls the layers
+        one by one with it)."""
+        docs = documents_from_positions(position_ids, past, cache.doc_start if cache is not None else None)
+        if (
+            cache is None
+            and not docs.single_document
+            and use_block_mask(self.config.document_masking, position_ids.device)
+        ):
+            docs.block_mask = document_block_mask(position_ids)
+        return docs
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -163,9 +176,7 @@ class HybridModel(HybridPreTrainedModel):
                 position_ids = positions_from_attention_mask(attention_mask, length)
             else:
                 position_ids = torch.arange(past, past + length, device=hidden.device).expand(batch, length)
-        docs = documents_from_positions(position_ids, past, cache.doc_start if cache is not None else None)
-        if cache is None and not docs.single_document and use_block_mask(self.config.document_masking, hidden.device):
-            docs.block_mask = document_block_mask(position_ids)
+        docs = self.documents(position_ids, past, cache)
         cos, sin = self.rope(position_ids)
         all_hidden = [hidden] if output_hidden_states else None
         for i, layer in enumerate(self.layers):

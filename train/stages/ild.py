@@ -15,7 +15,6 @@ from transformers import PreTrainedModel
 
 from data.datamodule import DistillDataModule
 from models import HybridForCausalLM
-from models.documents import documents_from_positions
 from models.flops import ild_step_flops
 from models.mixers import candidate_kinds
 from models.teachers import TeacherTrace
@@ -65,10 +64,10 @@ class ILDModule(DistillModule):
     ) -> dict[tuple[str, int], torch.Tensor]:
         """Every student layer on the teacher's input to it, scored against the teacher layer's outputs."""
         positions = batch["position_ids"]
-        docs = documents_from_positions(positions)
         mask = batch["attention_mask"].bool()
         losses = {}
         for name, student in self.students.items():
+            docs = student.model.documents(positions)  # the student's document masking (block masks on CUDA)
             cos, sin = student.model.rope(positions)
             # Not `embed_tokens.weight`: under ZeRO-3 that attribute read would gather it for the rest of the step.
             first = next(student.parameters())
