@@ -505,7 +505,7 @@ def main() -> None:
         args.compile = args.preset != "smoke" and preset_student(args.preset).compile
     set_compile(args.compile)
     if args.light_autotune:
-        print(f"light autotuning: {limit_autotune_configs(keep=2)} mamba-ssm configs left out", flush=True)
+        print(f"light autotuning: {limit_autotune_configs(keep=2)} mamba-ssm and fla configs left out", flush=True)
     suffix = f"{args.teacher}/mb{args.micro_batch}" + (f"x{args.accumulate}" if args.accumulate > 1 else "")
     suffix += "/kd_torch" if args.kd_torch else ""
     suffix += "/compiled" if args.compile else ""

@@ -72,29 +72,40 @@ def triton_rmsnorm_fn() -> Callable | None:
 
 
 def limit_autotune_configs(keep: int = 2) -> int:
-    """Keep the `keep` lightest autotune configs of every mamba-ssm Triton kernel; returns how many were cut.
+    """Keep the `keep` lightest autotune configs of every mamba-ssm and fla (GDN) Triton kernel; returns how many
+    were cut.
 
     Every config computes the same function; autotuning all of them compiles ~200 kernel variants per new
     shape and dtype, minutes on a fresh machine. The GPU tests use this (speed is not their subject), and so
     can a short benchmark that would otherwise spend its time limit compiling (bench/train.py
     --light-autotune, at some cost in speed). The lightest ones: a heavy config can exceed shared memory.
     """
-    if triton_chunk_scan() is None:
-        return 0
+    from importlib.util import find_spec
+
+    modules = []
+    if triton_chunk_scan() is not None:
+        # through the guarded import: after a failed `import mamba_ssm` elsewhere (a version probe, say) the ops'
+        # modules stay importable while the package itself does not
+        triton_ops = _import_triton_module("mamba_ssm.ops.triton")
+        names = (f"mamba_ssm.ops.triton.{info.name}" for info in pkgutil.iter_modules(triton_ops.__path__))
+        modules += [_import_triton_module(name) for name in names]
+    if find_spec("fla") is not None:  # fla-core: its GDN op imports the modules of all the kernels it runs
+        try:
+            importlib.import_module("fla.ops.gated_delta_rule")
+        except Exception:  # noqa: BLE001 - no triton or no GPU: nothing of fla's will run, nothing to trim
+            pass
+        modules += [module for name, module in list(sys.modules.items()) if name.startswith("fla.")]
+    return sum(_trim_autotuners(module, keep) for module in modules if module is not None)
+
+
+def _trim_autotuners(module: types.ModuleType, keep: int) -> int:
     from triton.runtime.autotuner import Autotuner
 
-    # through the guarded import: after a failed `import mamba_ssm` elsewhere (a version probe, say) the ops'
-    # modules stay importable while the package itself does not
-    triton_ops = _import_triton_module("mamba_ssm.ops.triton")
     cut = 0
-    for info in pkgutil.iter_modules(triton_ops.__path__):
-        module = _import_triton_module(f"mamba_ssm.ops.triton.{info.name}")
-        if module is None:
-            continue
-        for obj in vars(module).values():
-            if isinstance(obj, Autotuner) and len(obj.configs) > keep:
-                cut += len(obj.configs) - keep
-                obj.configs = sorted(obj.configs, key=_config_weight)[:keep]
+    for obj in vars(module).values():
+        if isinstance(obj, Autotuner) and len(obj.configs) > keep:
+            cut += len(obj.configs) - keep
+            obj.configs = sorted(obj.configs, key=_config_weight)[:keep]
     return cut
 
 

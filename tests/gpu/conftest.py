@@ -1,5 +1,6 @@
-"""GPU tests: keep two light autotune configs per mamba-ssm Triton kernel (models.kernels.limit_autotune_configs):
-autotuning every config costs minutes of device time per new shape, and speed is measured in bench/, not here.
+"""GPU tests: keep two light autotune configs per mamba-ssm and fla Triton kernel
+(models.kernels.limit_autotune_configs): autotuning every config costs minutes of device time per new shape, and
+speed is measured in bench/, not here.
 """
 
 import pytest
