@@ -112,14 +112,15 @@ def document_block_mask(position_ids: torch.Tensor) -> Any:
     if (position_ids[:, 0] != 0).any():
         raise ValueError("position_ids must start every row with 0 (a row starts a document)")
     doc = document_index(position_ids)
-    batch, length = position_ids.shape
+    length = position_ids.shape[1]
     starts = torch.arange(0, length, BLOCK_SIZE, device=doc.device)
     ends = (starts + BLOCK_SIZE - 1).clamp(max=length - 1)
     first, last = doc[:, starts], doc[:, ends]  # (B, n) document of each block's first / last token
     n = starts.numel()
     index = torch.arange(n, device=doc.device)
     below = index[None, :] < index[:, None]  # (q block, kv block) strictly below the diagonal
-    whole = (ends - starts + 1 == BLOCK_SIZE)[None, :, None] & (ends - starts + 1 == BLOCK_SIZE)[None, None, :]
+    complete = ends - starts + 1 == BLOCK_SIZE  # a last, shorter block is never called full
+    whole = complete[None, :, None] & complete[None, None, :]
     shared = last[:, None, :] >= first[:, :, None]  # the key block's last document reaches the query block's first
     full = below & whole & (first[:, None, :] == last[:, :, None])  # (B, n, n): one document throughout
     partial = ((below & shared) | torch.eye(n, dtype=torch.bool, device=doc.device)) & ~full
