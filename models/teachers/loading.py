@@ -159,8 +159,7 @@ def decoding_attention(model: nn.Module) -> Iterator[None]:
     """SDPA for `generate` on a teacher loaded with FlexAttention, restored afterwards: cached decoding has one
     document per row and one query per step, where a block mask skips nothing, and transformers would build a new
     compiled block mask per decoded length. Other models (the student, an SDPA teacher) are left as they are."""
-    config = getattr(model, "config", None)
-    flex = isinstance(model, PreTrainedModel) and getattr(config, "_attn_implementation", None) == "flex_attention"
+    flex = isinstance(model, PreTrainedModel) and model.config._attn_implementation == "flex_attention"
     if flex:
         model.set_attn_implementation("sdpa")
     try:

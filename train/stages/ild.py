@@ -66,8 +66,12 @@ class ILDModule(DistillModule):
         positions = batch["position_ids"]
         mask = batch["attention_mask"].bool()
         losses = {}
+        documents = {}  # per document_masking (the run's, for every candidate): built once per batch, not per student
         for name, student in self.students.items():
-            docs = student.model.documents(positions)  # the student's document masking (block masks on CUDA)
+            masking = student.config.document_masking
+            if masking not in documents:
+                documents[masking] = student.model.documents(positions)
+            docs = documents[masking]
             cos, sin = student.model.rope(positions)
             # Not `embed_tokens.weight`: under ZeRO-3 that attribute read would gather it for the rest of the step.
             first = next(student.parameters())
