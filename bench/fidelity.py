@@ -1,7 +1,7 @@
 """The real-teacher benchmark: the whole recipe on SmolLM2-135M-Instruct, and what the student it produces is worth.
 
     python -m bench.fidelity --teacher /path/SmolLM2-135M-Instruct.Q4_1.gguf            # the main row
-    python -m bench.fidelity --teacher ... --rows uniform,reverse_kl,no_ild --parallel 4  # ablation rows
+    python -m bench.fidelity --teacher ... --rows main,baseline,uniform --parallel 3 --ablation-kd-steps 300
     python -m bench.fidelity --render                                                     # docs/fidelity.md only
 
 Each row is one `python -m train conf=smollm2_135m ...` run (the command users type) in `<out>/rows/<row>`, on
@@ -13,9 +13,11 @@ the held-out packages on the GPU (loss, perplexity, KL to the teacher, top-1 agr
 completions and chat answers are put side by side, and everything goes to
 `bench/results/fidelity_smollm2_<tag>.json`; `docs/fidelity.md` is rendered from those files.
 
-Ablation rows change one thing at equal training tokens (rows without ILD get its steps as KD steps). Rows that
-differ from `main` only after ILD reuse its `init` and `ild` stages (both candidates of every layer are aligned
-there), so they cost only their own KD.
+Ablation rows change one thing at equal training tokens (rows without ILD get its steps as KD steps); with
+`--ablation-kd-steps` they train a shorter KD than main, and the `baseline` row is the preset at that budget. Rows
+that differ from `main` only after ILD reuse its `init` and `ild` stages (both candidates of every layer are aligned
+there), so they cost only their own KD, and with `--parallel` they start beside main's KD as soon as the stages they
+reuse are finished (a 135M model leaves most of an H200 idle).
 """
 
 from __future__ import annotations
@@ -57,6 +59,12 @@ class Row:
 
 ROWS: dict[str, Row] = {
     "main": Row("init + ILD (both candidates) + SMART 8 of 30 + KD, forward KL (the preset)"),
+    "baseline": Row(
+        "the preset at the ablation budget (main's init, ILD and SMART; its own KD)", reuse=("init", "ild", "select")
+    ),
+    "kd_lr1e3": Row(
+        "KD learning rate 1e-3 instead of the preset's 3e-4", ("kd.lr=1.0e-3",), reuse=("init", "ild", "select")
+    ),
     "uniform": Row("MLA layers evenly spaced instead of SMART", ("select.rule=uniform",), reuse=("init", "ild")),
     "reverse_kl": Row("KD with reverse KL", ("kd.divergence=reverse_kl",), reuse=("init", "ild", "select")),
     "jsd": Row("KD with JSD (beta 0.5)", ("kd.divergence=jsd", "kd.jsd_beta=0.5"), reuse=("init", "ild", "select")),
@@ -111,8 +119,14 @@ ROWS: dict[str, Row] = {
 @dataclass
 class Budget:
     ild_steps: int
-    kd_steps: int
+    kd_steps: int  # the main row's
+    ablation_kd_steps: int | None = None  # every other row's (equal tokens among them); None: kd_steps
     overrides: list[str] = field(default_factory=list)
+
+    def steps(self, name: str, row: Row) -> tuple[int, int]:
+        """(ILD, KD) steps of a row: rows without ILD get its steps as KD steps (equal training tokens)."""
+        kd = self.kd_steps if name == "main" or self.ablation_kd_steps is None else self.ablation_kd_steps
+        return self.ild_steps, kd + (self.ild_steps if row.no_ild else 0)
 
 
 # --------------------------------------------------------------------------------------------------- data
@@ -162,14 +176,14 @@ def data_overrides(files: dict[str, Path], chat_weight: float, cache: Path) -> l
 def row_command(
     name: str, row: Row, args: argparse.Namespace, budget: Budget, out: Path, main_map: list[int] | None
 ) -> list[list[str]]:
-    """The row's commands, run one after the other: the training run, after the teacher-cache writer if it has one
-    (the same overrides: the cache is keyed by the run's data and KD settings)."""
-    kd_steps = budget.kd_steps + (budget.ild_steps if row.no_ild else 0)
+    """The row's commands, run one after the other: the teacher-cache writer if it has one (the training run's
+    overrides: the cache is keyed by the run's data and KD settings), the training run, its held-out evaluation."""
+    ild_steps, kd_steps = budget.steps(name, row)
     overrides = [
         f"conf={PRESET}",
         f"teacher.name_or_path='{args.teacher}'",
         f"output_dir='{out / 'rows' / name}'",
-        f"ild.max_steps={budget.ild_steps}",
+        f"ild.max_steps={ild_steps}",
         f"kd.max_steps={kd_steps}",
         f"kd.val_every_n_steps={max(1, kd_steps // 10)}",  # ten points on the held-out curve
         "logger=csv",
@@ -180,56 +194,102 @@ def row_command(
         if main_map is None:
             raise RuntimeError(f"row {name!r} uses main's layer map: run the main row first")
         overrides.append(f"student.mla_layers=[{','.join(map(str, main_map))}]")
+    evaluate = [sys.executable, "-m", "bench.fidelity", "--evaluate-row", name, "--teacher", args.teacher]
+    evaluate += ["--out", str(out), "--seq-len", str(args.seq_len), "--eval-rows", str(args.eval_rows)]
+    evaluate += ["--samples", str(args.samples)]
     if not row.teacher_cache:
-        return [[sys.executable, "-m", "train", *overrides]]
+        return [[sys.executable, "-m", "train", *overrides], evaluate]
     overrides.append(f"kd.teacher_cache='{out / 'rows' / name / 'teacher_cache'}'")
-    return [[sys.executable, "-m", module, *overrides] for module in ("train.teacher_cache", "train")]
+    return [*([sys.executable, "-m", module, *overrides] for module in ("train.teacher_cache", "train")), evaluate]
 
 
-def run_rows(names: list[str], args, budget: Budget, out: Path, deadline: float) -> dict[str, int]:
-    """Start up to `args.parallel` rows at a time; SIGTERM (checkpoint and stop) at the deadline. Exit codes."""
-    main_map = _selected_map(out / "rows" / "main")
-    pending, running, codes = list(names), {}, {}
+def main_stages_needed(name: str, row: Row, main_in_run: bool) -> set[str]:
+    """Stages of the main row that must be finished before `name` starts. With main training in the same call,
+    every row also waits for main's ILD: the tokenized data is cached by then, and main has the GPU to itself for
+    its start."""
+    if name == "main":
+        return set()
+    return set(row.reuse) | ({"select"} if row.fixed_map else set()) | ({"ild"} if main_in_run else set())
+
+
+@dataclass
+class _Running:
+    commands: list[list[str]]  # the ones still to run after `process`
+    process: subprocess.Popen
+    handle: Any  # the row's train.log, appended by every command
+    signalled: float | None = None  # when the deadline's SIGTERM went out
+
+
+def run_rows(names: list[str], args, budget: Budget, out: Path, deadline: float, on_exit) -> None:
+    """Train and evaluate the rows, up to `args.parallel` at a time on the one GPU. A row starts as soon as the
+    main-row stages it reuses are finished (so the ablation rows use the GPU beside main's KD). At the deadline
+    every running process gets SIGTERM (the trainer checkpoints; the same command resumes it). `on_exit(name,
+    code, why)` is called once per row: code 0 when trained and evaluated, else the failing command's exit code, or
+    None with the reason the row did not start."""
+    main_dir = out / "rows" / "main"
+    main_in_run = "main" in names and not (main_dir / "heldout_eval.json").exists()
+    for name in names:
+        if not main_in_run and not all((main_dir / s / "done.json").exists() for s in main_stages_needed(
+                name, ROWS[name], False)):  # fmt: skip
+            raise RuntimeError(f"row {name!r} reuses stages of the main row: run the main row first")
+    pending, running = sorted(names, key=lambda n: n != "main"), {}  # main first: the others wait for it
+    for name in list(pending):  # trained and evaluated by an earlier call: recorded again, nothing to run
+        if (out / "rows" / name / "heldout_eval.json").exists():
+            pending.remove(name)
+            on_exit(name, 0)
+
+    def start(name: str, commands: list[list[str]], handle) -> None:
+        command, *rest = commands
+        process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, cwd=REPO)
+        running[name] = _Running(rest, process, handle)
+
     while pending or running:
-        while pending and len(running) < args.parallel:
-            name = pending.pop(0)
-            row = ROWS[name]
-            folder = out / "rows" / name
-            if _finished(folder):
-                codes[name] = 0  # an earlier call trained it: nothing to resume
+        if time.monotonic() > deadline:  # nothing new starts after the deadline
+            for name in pending:
+                on_exit(name, None, "not started before the deadline: rerun the same command")
+            pending.clear()
+        main_active = "main" in pending or "main" in running
+        for name in list(pending):
+            if len(running) >= args.parallel or time.monotonic() > deadline:
+                break
+            row, folder = ROWS[name], out / "rows" / name
+            needed = main_stages_needed(name, row, main_in_run)
+            if not all((main_dir / stage / "done.json").exists() for stage in needed):
+                if main_active:
+                    continue  # waits for main
+                pending.remove(name)
+                on_exit(name, None, "not started: the main row stopped before the stages this row reuses")
                 continue
-            folder.mkdir(parents=True, exist_ok=True)
+            pending.remove(name)
             for stage in row.reuse:
-                _reuse_stage(out / "rows" / "main" / stage, folder / stage)
-            *before, command = row_command(name, row, args, budget, out, main_map)
-            (folder / "command.txt").write_text("\n".join(shlex.join(c) for c in [*before, command]) + "\n")
-            handle = open(folder / "train.log", "a")  # noqa: SIM115 (closed when the process ends)
+                _reuse_stage(main_dir / stage, folder / stage)
+            commands = row_command(name, row, args, budget, out, _selected_map(main_dir))
+            if _finished(folder):  # an earlier call trained it: only its evaluation is left
+                commands = commands[-1:]
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "command.txt").write_text("\n".join(shlex.join(c) for c in commands) + "\n")
             log.info("row %s: start", name)
-            # The teacher-cache writer runs to its end first (its shards are atomic: a rerun finishes it); the
-            # trainer is the process the deadline signals, so it checkpoints.
-            failed = next((c for c in before if subprocess.run(c, stdout=handle, stderr=subprocess.STDOUT,
-                                                                cwd=REPO).returncode != 0), None)  # fmt: skip
-            if failed is not None:
-                handle.close()
-                codes[name] = 1
-                log.info("row %s: %s failed, see its train.log", name, failed[2])
+            start(name, commands, open(folder / "train.log", "a"))  # noqa: SIM115 (closed when the row ends)
+        time.sleep(1)
+        for name, job in list(running.items()):
+            now = time.monotonic()
+            if job.process.poll() is None:
+                if now > deadline and job.signalled is None:
+                    log.info("row %s: deadline, SIGTERM (a trainer checkpoints; rerun to resume)", name)
+                    job.process.send_signal(signal.SIGTERM)
+                    job.signalled = now
+                elif job.signalled is not None and now > job.signalled + 150:
+                    job.process.kill()
                 continue
-            running[name] = (subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, cwd=REPO), handle)
-        time.sleep(2)
-        for name, (process, handle) in list(running.items()):
-            if process.poll() is None and time.monotonic() > deadline:
-                log.info("row %s: deadline, SIGTERM (it checkpoints; rerun to resume)", name)
-                process.send_signal(signal.SIGTERM)
-                try:
-                    process.wait(timeout=120)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-            if process.poll() is not None:
-                handle.close()
-                codes[name] = process.returncode
-                log.info("row %s: exit %d", name, process.returncode)
-                del running[name]
-    return codes
+            code = job.process.returncode
+            del running[name]
+            if code == 0 and job.commands and job.signalled is None:
+                start(name, job.commands, job.handle)
+                continue
+            job.handle.close()
+            code = 0 if code == 0 and not job.commands else (code or -15)
+            log.info("row %s: exit %d", name, code)
+            on_exit(name, code)
 
 
 def _finished(row_dir: Path) -> bool:
@@ -399,7 +459,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", default="main", help=f"comma-separated, of {list(ROWS)}")
     parser.add_argument("--parallel", type=int, default=1, help="rows trained at once on the one GPU")
     parser.add_argument("--ild-steps", type=int, default=None, help="default: the preset's")
-    parser.add_argument("--kd-steps", type=int, default=None, help="default: the preset's")
+    parser.add_argument("--kd-steps", type=int, default=None, help="the main row's; default: the preset's")
+    parser.add_argument("--ablation-kd-steps", type=int, default=None, help="every other row's; default: --kd-steps")
     parser.add_argument("--deadline-s", type=float, default=None, help="SIGTERM the rows after this (they resume)")
     parser.add_argument("--chats", type=int, default=3000, help="teacher-answered prompts for sequence-level KD")
     parser.add_argument("--chats-file", type=Path, default=None, help="reuse an earlier call's chats.jsonl.gz")
@@ -414,6 +475,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results-dir", type=Path, default=RESULTS)
     parser.add_argument("--tag", default=None, help="results file suffix (default: the card, e.g. h200)")
     parser.add_argument("--render", action="store_true", help="only rewrite docs/fidelity.md from the results")
+    parser.add_argument("--evaluate-row", default=None, help=argparse.SUPPRESS)  # the row runner's last command
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every row")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -424,6 +486,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not args.teacher:
         parser.error("--teacher is required (a .gguf file, an HF directory or a Hub id)")
+    if args.evaluate_row:
+        return evaluate_command(args)
     names = [n for n in args.rows.split(",") if n]
     unknown = [n for n in names if n not in ROWS]
     if unknown:
@@ -431,11 +495,17 @@ def main(argv: list[str] | None = None) -> int:
     start = time.monotonic()
     deadline = start + args.deadline_s if args.deadline_s else float("inf")
     from bench.common import environment, record
+    from bench.fidelity_report import render
     from models.teachers import resolve_teacher_path
     from train.config import compose_config
 
     preset = compose_config([f"conf={PRESET}"])
-    budget = Budget(args.ild_steps or preset.ild.max_steps, args.kd_steps or preset.kd.max_steps, list(args.overrides))
+    budget = Budget(
+        args.ild_steps or preset.ild.max_steps,
+        args.kd_steps or preset.kd.max_steps,
+        args.ablation_kd_steps,
+        list(args.overrides),
+    )
     out = args.out.resolve()
     teacher_dir = resolve_teacher_path(args.teacher)
     files = prepare_data(out, teacher_dir, args, seed=preset.seed)
@@ -444,32 +514,42 @@ def main(argv: list[str] | None = None) -> int:
     tag = args.tag or env["card"].replace("NVIDIA ", "").split()[0].lower()
     results = args.results_dir / f"fidelity_smollm2_{tag}.json"
     header = {**env, "teacher": "SmolLM2-135M-Instruct", "data": _data_summary(out / "data")}
-    # main first: the other rows start from its stages
-    groups = [["main"], [n for n in names if n != "main"]] if "main" in names else [names]
-    for group in groups:
-        if not group:
-            continue
-        codes = run_rows(group, args, budget, out, deadline)
-        for name, code in codes.items():
-            row_dir = out / "rows" / name
-            entry = {"what": ROWS[name].what, "exit_code": code, "budget": vars(budget) | {"overrides": None}}
-            entry.update(row_summary(row_dir))
-            if code == 0:
-                cached = row_dir / "heldout_eval.json"  # evaluated by an earlier call: the same weights
-                if not cached.exists():
-                    cached.write_text(json.dumps(evaluate_row(row_dir, teacher_dir, files, args), indent=2))
-                entry["heldout_packages"] = json.loads(cached.read_text())
-            else:
-                entry["status"] = f"stopped (exit {code}); rerun the same command to resume, see {row_dir}/train.log"
-            record(results, name, entry, header)
-            log.info("row %s recorded in %s", name, results)
-        if any(code != 0 for code in codes.values()) and group == ["main"]:
-            log.warning("main row unfinished: the other rows need its stages; rerun to resume")
-            break
-    from bench.fidelity_report import render
 
-    if args.results_dir == RESULTS:
-        render(sorted(RESULTS.glob("fidelity_smollm2_*.json")), DOC)
+    def on_exit(name: str, code: int | None, why: str | None = None) -> None:
+        """Record the row (and re-render the page) as it ends."""
+        row_dir = out / "rows" / name
+        ild_steps, kd_steps = budget.steps(name, ROWS[name])
+        entry = {"what": ROWS[name].what, "exit_code": code, "budget": {"ild_steps": ild_steps, "kd_steps": kd_steps}}
+        entry.update(row_summary(row_dir))
+        evaluated = row_dir / "heldout_eval.json"
+        if code == 0 and evaluated.exists():
+            entry["heldout_packages"] = json.loads(evaluated.read_text())
+        elif code is None:
+            entry["status"] = why
+        else:
+            entry["status"] = f"stopped (exit {code}); rerun the same command to resume, see {row_dir}/train.log"
+        record(results, name, entry, header)
+        log.info("row %s recorded in %s", name, results)
+        if args.results_dir == RESULTS:
+            render(sorted(RESULTS.glob("fidelity_smollm2_*.json")), DOC)
+
+    run_rows(names, args, budget, out, deadline, on_exit)
+    return 0
+
+
+def evaluate_command(args: argparse.Namespace) -> int:
+    """`--evaluate-row NAME`: the held-out evaluation of one trained row, in its own process (the row runner's last
+    command), written atomically to the row's heldout_eval.json."""
+    from models.teachers import resolve_teacher_path
+
+    out = args.out.resolve()
+    row_dir = out / "rows" / args.evaluate_row
+    files = {"heldout": out / "data" / "heldout.jsonl.gz"}
+    result = evaluate_row(row_dir, resolve_teacher_path(args.teacher), files, args)
+    tmp = row_dir / ".heldout_eval.json.tmp"
+    tmp.write_text(json.dumps(result, indent=2))
+    os.replace(tmp, row_dir / "heldout_eval.json")
+    log.info("row %s: held-out evaluation in %.0f s", args.evaluate_row, result["eval_seconds"])
     return 0
 
 

@@ -6,6 +6,8 @@
 #   PART=main    the main row at the given budget (ILD / KD steps), resumable across calls; CHATS_FILE: teacher chat
 #                answers made earlier (bench/fidelity_data.generate_teacher_chats, e.g. on a CPU) instead of here
 #   PART=ablate  the ablation rows, several at once on the one GPU
+#   PART=all     main (ILD / KD steps) and the ablation rows (ILD / ABLATION_KD steps) at once: each row starts
+#                beside main's KD as soon as the main stages it reuses are finished; resumable across calls
 set -uo pipefail
 OUT="${OUT:-/tmp/out}"; mkdir -p "$OUT"
 GGUF=/root/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
@@ -53,6 +55,12 @@ ablate)  # main first (resumed or reused), then the rows at once
   fidelity --rows "main,${ROWS:-no_ild,random_mixers,uniform,reverse_kl}" --parallel "${PARALLEL:-4}" \
     --ild-steps "${ILD:-300}" --kd-steps "${KD:-3000}" --deadline-s "${DEADLINE:-540}" \
     --max-train-mb "${TRAIN_MB:-100}" --chats "${CHATS:-1500}"
+  ;;
+all)
+  fidelity --rows "main,${ROWS:-baseline,no_ild,random_mixers,uniform,reverse_kl,teacher_cache,kd_lr1e3,jsd,mla4,mla12,rank64,rank256,mla_gdn,smart_3kinds,rope_per_kv_head}" \
+    --parallel "${PARALLEL:-3}" --ild-steps "${ILD:-100}" --kd-steps "${KD:-1200}" --ablation-kd-steps "${ABLATION_KD:-300}" \
+    --deadline-s "${DEADLINE:-500}" --max-train-mb "${TRAIN_MB:-100}" --chats "${CHATS:-1500}" \
+    ${CHATS_FILE:+--chats-file "$CHATS_FILE"}
   ;;
 esac
 echo "$(stamp) done"

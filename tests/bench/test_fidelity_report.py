@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
+from bench import fidelity
 from bench.fidelity import ROWS, Budget, row_command
 from bench.fidelity_report import NOTES, render
 
@@ -65,16 +68,74 @@ def test_render_tables_plots_and_kept_notes(tmp_path):
 
 
 def test_rows_get_equal_tokens_and_main_map():
-    args = argparse.Namespace(teacher="/t.gguf")
-    budget = Budget(100, 400, ["data.seq_len=2048"])
-    [main] = row_command("main", ROWS["main"], args, budget, Path("/o"), None)
+    args = argparse.Namespace(teacher="/t.gguf", seq_len=2048, eval_rows=128, samples=4)
+    budget = Budget(100, 400, 300, ["data.seq_len=2048"])
+    main, evaluate = row_command("main", ROWS["main"], args, budget, Path("/o"), None)
     assert main[1:3] == ["-m", "train"]
     assert "ild.max_steps=100" in main and "kd.max_steps=400" in main and "conf=smollm2_135m" in main
-    [no_ild] = row_command("no_ild", ROWS["no_ild"], args, budget, Path("/o"), [0, 9, 29])
-    assert "kd.max_steps=500" in no_ild and "student.mla_layers=[0,9,29]" in no_ild  # ILD's steps move to KD
+    assert evaluate[1:5] == ["-m", "bench.fidelity", "--evaluate-row", "main"]  # its own process, after training
+    [baseline, _] = row_command("baseline", ROWS["baseline"], args, budget, Path("/o"), None)
+    assert "kd.max_steps=300" in baseline  # the ablation budget
+    [no_ild, _] = row_command("no_ild", ROWS["no_ild"], args, budget, Path("/o"), [0, 9, 29])
+    assert "kd.max_steps=400" in no_ild and "student.mla_layers=[0,9,29]" in no_ild  # ILD's steps move to KD
     with pytest.raises(RuntimeError, match="main row first"):
         row_command("no_ild", ROWS["no_ild"], args, budget, Path("/o"), None)
     # offline KD: the cache writer first, with the training run's overrides (the cache is keyed by them)
-    writer, cached = row_command("teacher_cache", ROWS["teacher_cache"], args, budget, Path("/o"), None)
+    writer, cached, _ = row_command("teacher_cache", ROWS["teacher_cache"], args, budget, Path("/o"), None)
     assert writer[1:3] == ["-m", "train.teacher_cache"] and cached[1:3] == ["-m", "train"]
     assert writer[3:] == cached[3:] and "kd.teacher_cache='/o/rows/teacher_cache/teacher_cache'" in cached
+
+
+def _stage_writer(row_dir: Path, stages: list[str], seconds: float, code: int = 0) -> list[str]:
+    """A stand-in row command: writes each stage's done.json after `seconds`, logs its start, exits `code`."""
+    script = (
+        "import pathlib, sys, time\n"
+        f"row = pathlib.Path({str(row_dir)!r})\n"
+        "row.mkdir(parents=True, exist_ok=True)\n"
+        "(row / 'started').write_text(str(time.monotonic()))\n"
+        f"for stage in {stages!r}:\n"
+        f"    time.sleep({seconds})\n"
+        "    (row / stage).mkdir(exist_ok=True)\n"
+        "    (row / stage / 'done.json').write_text('{}')\n"
+        f"sys.exit({code})\n"
+    )
+    return [sys.executable, "-c", script]
+
+
+def test_rows_start_when_the_main_stages_they_reuse_are_done(tmp_path, monkeypatch):
+    """The row runner's scheduling, with stand-in commands (training itself is tested elsewhere): rows wait for
+    the main stages they reuse, at most `parallel` run at once, every row is reported once, the deadline stops
+    what runs and what has not started."""
+    out = tmp_path / "out"
+
+    def commands(name, row, args, budget, out_dir, main_map):
+        row_dir = out_dir / "rows" / name
+        if name == "main":
+            return [_stage_writer(row_dir, ["init", "ild", "select"], 0.3), _stage_writer(row_dir, ["kd"], 4.0)]
+        if name in ("jsd", "mla4"):
+            return [_stage_writer(row_dir, ["kd"], 60.0)]  # still running at the deadline
+        return [_stage_writer(row_dir, ["kd"], 0.2, code=3 if name == "uniform" else 0)]
+
+    monkeypatch.setattr(fidelity, "row_command", commands)
+    args = argparse.Namespace(parallel=2)
+    exits: dict[str, tuple] = {}
+
+    def on_exit(name, code, why=None):
+        assert name not in exits, f"{name} reported twice"
+        exits[name] = (code, why)
+
+    (out / "rows" / "mla12").mkdir(parents=True)  # trained and evaluated by an earlier call
+    (out / "rows" / "mla12" / "heldout_eval.json").write_text("{}")
+    names = ["reverse_kl", "main", "uniform", "jsd", "mla4", "no_ild", "mla12"]
+    fidelity.run_rows(names, args, None, out, time.monotonic() + 10, on_exit)
+    rows = out / "rows"
+    assert exits["main"] == (0, None) and exits["reverse_kl"] == (0, None)
+    assert exits["uniform"][0] == 3  # its failing exit code
+    for name, last_reused in (("reverse_kl", "select"), ("uniform", "ild")):  # after the stages they reuse
+        assert (rows / "main" / last_reused / "done.json").stat().st_mtime <= (rows / name / "started").stat().st_mtime
+        assert (rows / name / last_reused / "done.json").exists()  # main's stage copied in
+    # beside main's KD, not after it
+    assert (rows / "reverse_kl" / "started").stat().st_mtime < (rows / "main" / "kd" / "done.json").stat().st_mtime
+    assert exits["jsd"][0] not in (0, None) and exits["mla4"][0] not in (0, None)  # SIGTERM at the deadline
+    assert exits["no_ild"] == (None, "not started before the deadline: rerun the same command")  # two slots taken
+    assert exits["mla12"] == (0, None) and not (rows / "mla12" / "started").exists()  # recorded, not rerun
