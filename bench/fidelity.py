@@ -42,6 +42,7 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
 DOC = REPO / "docs" / "fidelity.md"
 PRESET = "smollm2_135m"
+PRESET_STAGES = ("init", "ild", "select", "kd", "eval", "export")  # conf/conf/smollm2_135m.yaml
 log = logging.getLogger("bench.fidelity")
 
 
@@ -190,6 +191,10 @@ def row_command(
         *budget.overrides,
         *row.overrides,
     ]
+    if name != "main":  # the pipeline's own eval stage (mixture eval, samples) is main's; rows get the held-out one
+        stages = next((o.partition("=")[2] for o in row.overrides if o.startswith("stages=")), None)
+        stages = stages[1:-1].split(",") if stages else list(PRESET_STAGES)
+        overrides.append(f"stages=[{','.join(s for s in stages if s != 'eval')}]")
     if row.fixed_map:
         if main_map is None:
             raise RuntimeError(f"row {name!r} uses main's layer map: run the main row first")

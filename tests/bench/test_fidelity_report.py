@@ -76,8 +76,10 @@ def test_rows_get_equal_tokens_and_main_map():
     assert evaluate[1:5] == ["-m", "bench.fidelity", "--evaluate-row", "main"]  # its own process, after training
     [baseline, _] = row_command("baseline", ROWS["baseline"], args, budget, Path("/o"), None)
     assert "kd.max_steps=300" in baseline  # the ablation budget
+    assert baseline[-1] == "stages=[init,ild,select,kd,export]" and main[-1] != baseline[-1]  # eval stage: main's
     [no_ild, _] = row_command("no_ild", ROWS["no_ild"], args, budget, Path("/o"), [0, 9, 29])
     assert "kd.max_steps=400" in no_ild and "student.mla_layers=[0,9,29]" in no_ild  # ILD's steps move to KD
+    assert no_ild[-2] == "stages=[init,kd,export]"  # after the row's own stages override
     with pytest.raises(RuntimeError, match="main row first"):
         row_command("no_ild", ROWS["no_ild"], args, budget, Path("/o"), None)
     # offline KD: the cache writer first, with the training run's overrides (the cache is keyed by them)
