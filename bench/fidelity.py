@@ -375,7 +375,7 @@ def evaluate_row(row_dir: Path, teacher_dir: str, files: dict[str, Path], args) 
             students[name] = student
         result["eval_seconds"] = round(time.perf_counter() - start, 1)
         for name, model in (("teacher", teacher), ("final", students.get("final"))):
-            if model is not None:
+            if model is not None and cuda:  # a CPU's decode speed is nobody's question
                 result[name]["decode_tokens_per_s"] = decode_tokens_per_s(model, tokenizer, placement.device)
         if "final" in students:
             result["samples"] = side_by_side_samples(teacher, students["final"], tokenizer, files["heldout"], args)
