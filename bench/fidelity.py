@@ -17,7 +17,8 @@ Ablation rows change one thing at equal training tokens (rows without ILD get it
 `--ablation-kd-steps` they train a shorter KD than main, and the `baseline` row is the preset at that budget. Rows
 that differ from `main` only after ILD reuse its `init` and `ild` stages (both candidates of every layer are aligned
 there), so they cost only their own KD, and with `--parallel` they start beside main's KD as soon as the stages they
-reuse are finished (a 135M model leaves most of an H200 idle).
+reuse are finished. What that buys is overlap, not throughput: one KD row keeps an H100 busy (two at once each ran at
+about half the tokens/s, 2026-12-07), but a row's start (data, compile, autotune) leaves the GPU idle for minutes.
 """
 
 from __future__ import annotations

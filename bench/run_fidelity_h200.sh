@@ -6,8 +6,10 @@
 #   PART=main    the main row at the given budget (ILD / KD steps), resumable across calls; CHATS_FILE: teacher chat
 #                answers made earlier (bench/fidelity_data.generate_teacher_chats, e.g. on a CPU) instead of here
 #   PART=ablate  the ablation rows, several at once on the one GPU
-#   PART=all     main (ILD / KD steps) and the ablation rows (ILD / ABLATION_KD steps) at once: each row starts
-#                beside main's KD as soon as the main stages it reuses are finished; resumable across calls
+#   PART=all     main (ILD / KD steps) and the ablation rows (ILD / ABLATION_KD steps): each row starts beside
+#                main's KD as soon as the main stages it reuses are finished; resumable across calls. PARALLEL 2-3
+#                overlaps one row's start (compile, autotune: GPU idle) with another's training; KD itself fills the
+#                GPU (two rows at once each ran at half the tokens/s on an H100), and two rows used 75 of its 80 GB
 set -uo pipefail
 OUT="${OUT:-/tmp/out}"; mkdir -p "$OUT"
 GGUF=/root/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf

@@ -12,16 +12,20 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import signal
 import time
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from transformers import AutoTokenizer
 
 from models.compile import set_compile
 from train.config import TrainConfig, typed_config
+from train.runtime.faults import Preempted
 from train.runtime.memory_preflight import check_memory
+from train.runtime.preemption import take_late_signal
 from train.runtime.ranks import is_rank_zero, wait_for_file
 from train.runtime.rerun import check_rerun, record_stage_settings, restart, wait_for_restart
 from train.runtime.run_lock import RunLock
@@ -70,6 +74,7 @@ def _run(cfg: TrainConfig, out: Path, callbacks: dict[str, list]) -> dict:
                 continue
             if not is_rank_zero() and not stage(name).trains:
                 wait_for_file(done, f"stage {name}")  # rank 0's work (train/runtime/ranks.py)
+                _stop_if_signalled_late(name, cfg.stages[index + 1 :])
                 continue
             ctx.stage_dir(name).mkdir(parents=True, exist_ok=True)
             if is_rank_zero():
@@ -82,14 +87,34 @@ def _run(cfg: TrainConfig, out: Path, callbacks: dict[str, list]) -> dict:
             result = stage(name).run(ctx)
             if not is_rank_zero():  # trained collectively; rank 0 saves the student and marks the stage done
                 wait_for_file(done, f"saving stage {name}")
+                _stop_if_signalled_late(name, cfg.stages[index + 1 :])
                 continue
             seconds = time.perf_counter() - start
             report["stage_seconds"][name] = round(seconds, 1)
             write_json(done, {"seconds": seconds, **result})
             write_json(report_path, report)
             tracker.stage_done(name, report)
+            _stop_if_signalled_late(name, cfg.stages[index + 1 :])
         tracker.pipeline_done(report)
     return report
+
+
+def _stop_if_signalled_late(name: str, remaining: list[str]) -> None:
+    """A SIGTERM / SIGUSR1 that reached the stage after its last training step: the stage is finished and saved,
+    so stop here, before the next one starts (train/runtime/preemption.py). Every rank agrees, as for a step."""
+    signum = take_late_signal() or 0
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
+        flag = torch.tensor([signum], device=device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        signum = int(flag.item())
+    if signum and remaining:
+        signame = signal.Signals(signum).name
+        raise Preempted(
+            f"stage {name}: finished, then stopped by {signame} (received after its last step) before stage "
+            f"{remaining[0]}. Rerun the same command to resume",
+            signum,
+        )
 
 
 def _load(cfg: TrainConfig, out: Path, callbacks: dict[str, list]) -> Context:

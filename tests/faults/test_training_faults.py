@@ -354,3 +354,26 @@ def test_a_resumed_stage_shows_its_steps_in_the_progress_bar(tmp_path, teacher_c
     assert bars[0].startswith("ild:") and "| 3/6 [" in bars[0]  # the resumed stage starts at its checkpoint's step
     assert "| 6/6 [" in bars[-1]
     assert not any("Epoch" in s or "/-" in s for s in shown)
+
+
+class SignalAfterLastStep(L.Callback):
+    """SIGTERM to this process while the fit ends (after its last step), as a deadline can land."""
+
+    def on_train_end(self, trainer, pl_module):
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_a_signal_after_the_last_step_stops_before_the_next_stage(tmp_path, teacher_cache):
+    """The fidelity benchmark's SIGTERM landed while ILD finished: the stage completed and the run went on into SMART
+    and KD past its deadline. Now the finished stage is kept and the run stops before the next one; a rerun goes on."""
+    from train.runtime.faults import Preempted
+
+    cfg = compose_config(small(tmp_path, teacher_cache, "stages=[init,ild,kd]"))
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Preempted, match="stage ild: finished, then stopped by SIGTERM .* before stage kd") as stop:
+        run(cfg, callbacks={"ild": [SignalAfterLastStep()]})
+    assert stop.value.exit_code == 128 + signal.SIGTERM
+    assert (tmp_path / "ild" / "done.json").exists() and not (tmp_path / "kd").exists()
+    assert signal.getsignal(signal.SIGTERM) == before  # the fit's handler is gone with it
+    report = run(cfg)  # the rerun skips ILD and trains KD
+    assert (tmp_path / "kd" / "done.json").exists() and "kd" in report["stage_seconds"]

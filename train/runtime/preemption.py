@@ -12,6 +12,10 @@ previous handlers are back.
 
 The callback also writes `last.ckpt` when training ends between two periodic checkpoints, so a stage stopped later
 (during its validation or while saving students) repeats no training steps.
+
+A signal that arrives after the last step, while the fit ends (its final validation, say), has no step left to stop
+at: the stage finishes, and the pipeline stops before the next one (`take_late_signal`, train/pipeline.py) instead
+of carrying on past a deadline as if nothing had been asked.
 """
 
 from __future__ import annotations
@@ -29,6 +33,14 @@ from .faults import Preempted, max_over_ranks, save_last, stage_name, update_don
 log = logging.getLogger(__name__)
 
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+_late_signal: int | None = None  # received during a fit that ended before a step could act on it
+
+
+def take_late_signal() -> int | None:
+    """The signal a finished stage received after its last step (then forgotten), or None."""
+    global _late_signal
+    signum, _late_signal = _late_signal, None
+    return signum
 
 
 class PreemptionCheckpoint(L.Callback):
@@ -87,6 +99,7 @@ class PreemptionCheckpoint(L.Callback):
         signum = max_over_ranks(trainer, self.received or 0)  # every rank stops, naming the signal one of them got
         if not signum:
             return
+        self.received = None  # acted on here, not late
         name = signal.Signals(signum).name
         log.warning(
             "%s: %s received, writing the checkpoint of step %d", stage_name(trainer), name, trainer.global_step
@@ -117,4 +130,8 @@ class PreemptionCheckpoint(L.Callback):
         self._restore()
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        global _late_signal
+        if self._active and self.received is not None and stage == "fit":
+            _late_signal = self.received  # the fit ended before a step could stop on it
+        self.received = None
         self._restore()
