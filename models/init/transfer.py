@@ -21,7 +21,7 @@ from ..hybrid import HybridForCausalLM
 from ..mixer_kind import InitOptions
 from ..mixers import MIXERS
 from ..teacher_spec import TeacherSpec
-from ..teachers import adapter_for
+from ..teachers import adapter_for, sdpa_attention
 from .report import InitReport
 from .student_config import build_student_config
 
@@ -66,14 +66,15 @@ def convert_teacher(
     student = HybridForCausalLM(config).to(next(teacher.parameters()).dtype).eval()
     _copy_trunk(teacher, student)
     rows = []
-    for i, layer in enumerate(student.model.layers):
-        if mixer_init == "random":
-            rows.append({"layer": i, "mixer": layer.layer_type, "init": "random"})
-            continue
-        errors = layer.kind.init_from_attention(layer.mixer, weights[i], config, planned.get(i), options)
-        if layer.kind.reproduces_attention:
-            errors["attn_out_rel_err"] = attention_output_error(teacher, student, i)
-        rows.append({"layer": i, "mixer": layer.layer_type, **errors})
+    with sdpa_attention(teacher):  # the probes are one document each: a FlexAttention teacher would only compile
+        for i, layer in enumerate(student.model.layers):
+            if mixer_init == "random":
+                rows.append({"layer": i, "mixer": layer.layer_type, "init": "random"})
+                continue
+            errors = layer.kind.init_from_attention(layer.mixer, weights[i], config, planned.get(i), options)
+            if layer.kind.reproduces_attention:
+                errors["attn_out_rel_err"] = attention_output_error(teacher, student, i)
+            rows.append({"layer": i, "mixer": layer.layer_type, **errors})
     if config.tie_word_embeddings:
         student.tie_weights()
     teacher_bytes = teacher_cache_bytes(spec.num_layers, spec.num_kv_heads, spec.head_dim)

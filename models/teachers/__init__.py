@@ -18,10 +18,10 @@ from .capture import TeacherTrace
 from .loading import (
     TeacherLoadError,
     check_weight_files,
-    decoding_attention,
     load_teacher,
     load_teacher_config,
     resolve_teacher_path,
+    sdpa_attention,
 )
 from .registry import ADAPTERS, SUPPORTED_ARCHITECTURES, adapter_for, adapter_for_config, describe_teacher
 
@@ -36,9 +36,9 @@ __all__ = [
     "adapter_for",
     "adapter_for_config",
     "check_weight_files",
-    "decoding_attention",
     "describe_teacher",
     "load_teacher",
     "load_teacher_config",
     "resolve_teacher_path",
+    "sdpa_attention",
 ]

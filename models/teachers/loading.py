@@ -155,10 +155,12 @@ def resolve_attn_implementation(name: str, cuda: bool | None = None) -> str:
 
 
 @contextmanager
-def decoding_attention(model: nn.Module) -> Iterator[None]:
-    """SDPA for `generate` on a teacher loaded with FlexAttention, restored afterwards: cached decoding has one
-    document per row and one query per step, where a block mask skips nothing, and transformers would build a new
-    compiled block mask per decoded length. Other models (the student, an SDPA teacher) are left as they are."""
+def sdpa_attention(model: nn.Module) -> Iterator[None]:
+    """SDPA, restored afterwards, for work on a teacher loaded with FlexAttention where a block mask skips nothing:
+    `generate` (cached decoding: one document per row, one query per step; transformers would build a new compiled
+    block mask per decoded length) and the init's one-document probes on the CPU (FlexAttention there compiles C++
+    per shape: SmolLM2's 8 MLA layers' probes 13.6 s instead of 3.9 on two CPU cores, and its init stage 61 s on an
+    H100 machine). Other models (the student, an SDPA teacher) are left as they are."""
     flex = isinstance(model, PreTrainedModel) and model.config._attn_implementation == "flex_attention"
     if flex:
         model.set_attn_implementation("sdpa")

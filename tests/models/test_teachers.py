@@ -296,6 +296,24 @@ def test_flex_teachers_decode_through_sdpa_and_keep_flex_for_training(tmp_path):
     assert all(row["flex"] == row["sdpa"] and row["flex"] for row in rows), rows
 
 
+def test_init_probes_a_flex_teacher_through_sdpa(tmp_path):
+    """The init's per-layer attention probes (one document each) run a FlexAttention teacher through SDPA, whose
+    numbers they equal, and leave it FlexAttention (on the CPU, FlexAttention compiles per probe: SmolLM2's init
+    stage took 61 s instead of 7 on an H100 machine)."""
+    from models.init.transfer import convert_teacher
+
+    sdpa, spec = saved_teacher("llama", tmp_path, attn_implementation="sdpa")
+    flex, _ = load_teacher(str(tmp_path / "llama"), attn_implementation="flex_attention")
+    seen = []
+    flex.model.layers[1].self_attn.register_forward_pre_hook(
+        lambda module, args: seen.append(flex.config._attn_implementation)
+    )
+    _, flex_report = convert_teacher(flex, spec, mla_layers=[1], lossless=True)
+    _, sdpa_report = convert_teacher(sdpa, spec, mla_layers=[1], lossless=True)
+    assert seen == ["sdpa"] and flex.config._attn_implementation == "flex_attention"
+    assert flex_report.layers[1]["attn_out_rel_err"] == sdpa_report.layers[1]["attn_out_rel_err"]
+
+
 def test_auto_attention_follows_the_runs_accelerator(tmp_path, monkeypatch):
     """`teacher.attn_implementation=auto` means FlexAttention only where the run trains on CUDA: a run with
     trainer.accelerator=cpu on a GPU machine keeps SDPA."""

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 from data.batch import shift_labels
 from data.datamodule import DistillDataModule
 from models import HybridForCausalLM, student_cache_bytes, teacher_cache_bytes
-from models.teachers import adapter_for, decoding_attention
+from models.teachers import adapter_for, sdpa_attention
 from train.config.schema import TrainerConfig
 from train.losses import KDLossConfig, kd_loss
 from train.runtime.plots import plot_losses
@@ -140,7 +140,7 @@ def side_by_side(models: dict[str, torch.nn.Module], tokenizer, prompts: list[st
         row = {"prompt": prompt}
         for name, model in models.items():
             device = next(model.parameters()).device
-            with decoding_attention(model):
+            with sdpa_attention(model):
                 out = model.generate(
                     **{k: v.to(device) for k, v in ids.items()},
                     max_new_tokens=max_new_tokens,
