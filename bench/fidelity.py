@@ -522,7 +522,11 @@ def main(argv: list[str] | None = None) -> int:
     header = {**env, "teacher": "SmolLM2-135M-Instruct", "data": _data_summary(out / "data")}
 
     def on_exit(name: str, code: int | None, why: str | None = None) -> None:
-        """Record the row (and re-render the page) as it ends."""
+        """Record the row (and re-render the page) as it ends; a row that did not start has nothing new to say, and
+        what an earlier call recorded of it stays."""
+        if code is None:
+            log.info("row %s: %s", name, why)
+            return
         row_dir = out / "rows" / name
         ild_steps, kd_steps = budget.steps(name, ROWS[name])
         entry = {"what": ROWS[name].what, "exit_code": code, "budget": {"ild_steps": ild_steps, "kd_steps": kd_steps}}
@@ -530,8 +534,6 @@ def main(argv: list[str] | None = None) -> int:
         evaluated = row_dir / "heldout_eval.json"
         if code == 0 and evaluated.exists():
             entry["heldout_packages"] = json.loads(evaluated.read_text())
-        elif code is None:
-            entry["status"] = why
         else:
             entry["status"] = f"stopped (exit {code}); rerun the same command to resume, see {row_dir}/train.log"
         record(results, name, entry, header)

@@ -5,9 +5,8 @@
 #                fused-KD pipeline smoke on the real teacher (TEACHER: default the GGUF)
 #   PART=main    the main row at the given budget (ILD / KD steps), resumable across calls; CHATS_FILE: teacher chat
 #                answers made earlier (bench/fidelity_data.generate_teacher_chats, e.g. on a CPU) instead of here
-#   PART=ablate  the ablation rows, several at once on the one GPU
 #   PART=all     main (ILD / KD steps) and the ablation rows (ILD / ABLATION_KD steps): each row starts beside
-#                main's KD as soon as the main stages it reuses are finished; resumable across calls. PARALLEL 2-3
+#                main's KD as soon as the main stages it reuses are finished; resumable across calls. PARALLEL 2
 #                overlaps one row's start (compile, autotune: GPU idle) with another's training; KD itself fills the
 #                GPU (two rows at once each ran at half the tokens/s on an H100), and two rows used 75 of its 80 GB
 set -uo pipefail
@@ -53,14 +52,10 @@ main)  # a finished main row is not retrained; an interrupted one resumes
   fidelity --rows main --ild-steps "${ILD:-300}" --kd-steps "${KD:-3000}" --deadline-s "${DEADLINE:-540}" \
     --max-train-mb "${TRAIN_MB:-100}" --chats "${CHATS:-1500}" ${CHATS_FILE:+--chats-file "$CHATS_FILE"}
   ;;
-ablate)  # main first (resumed or reused), then the rows at once
-  fidelity --rows "main,${ROWS:-no_ild,random_mixers,uniform,reverse_kl}" --parallel "${PARALLEL:-4}" \
-    --ild-steps "${ILD:-300}" --kd-steps "${KD:-3000}" --deadline-s "${DEADLINE:-540}" \
-    --max-train-mb "${TRAIN_MB:-100}" --chats "${CHATS:-1500}"
-  ;;
 all)
-  fidelity --rows "main,${ROWS:-baseline,no_ild,random_mixers,uniform,reverse_kl,teacher_cache,kd_lr1e3,jsd,mla4,mla12,rank64,rank256,mla_gdn,smart_3kinds,rope_per_kv_head}" \
-    --parallel "${PARALLEL:-3}" --ild-steps "${ILD:-100}" --kd-steps "${KD:-1200}" --ablation-kd-steps "${ABLATION_KD:-300}" \
+  # rows in the order they start; with ABLATION_KD < KD add `baseline` first (the preset at the ablation budget)
+  fidelity --rows "main,${ROWS:-no_ild,random_mixers,uniform,reverse_kl,teacher_cache,jsd,mla4,mla12,kd_lr1e3,rank64,rank256,mla_gdn,smart_3kinds,rope_per_kv_head}" \
+    --parallel "${PARALLEL:-2}" --ild-steps "${ILD:-100}" --kd-steps "${KD:-300}" --ablation-kd-steps "${ABLATION_KD:-300}" \
     --deadline-s "${DEADLINE:-500}" --max-train-mb "${TRAIN_MB:-100}" --chats "${CHATS:-1500}" \
     ${CHATS_FILE:+--chats-file "$CHATS_FILE"}
   ;;
