@@ -229,9 +229,11 @@ class _Running:
 def run_rows(names: list[str], args, budget: Budget, out: Path, deadline: float, on_exit) -> None:
     """Train and evaluate the rows, up to `args.parallel` at a time on the one GPU. A row starts as soon as the
     main-row stages it reuses are finished (so the ablation rows use the GPU beside main's KD). At the deadline
-    every running process gets SIGTERM (the trainer checkpoints; the same command resumes it). `on_exit(name,
-    code, why)` is called once per row: code 0 when trained and evaluated, else the failing command's exit code, or
-    None with the reason the row did not start."""
+    every running process gets SIGTERM (the trainer checkpoints; the same command resumes it), and nothing new
+    starts. `on_exit(name, code, why)` is called once per row: code 0 when trained and evaluated, else the failing
+    command's exit code, or None with the reason the row did not start. If anything here fails, the rows' processes
+    are stopped with it (none is left training unwatched past the deadline)."""
+    names = list(dict.fromkeys(names))
     main_dir = out / "rows" / "main"
     main_in_run = "main" in names and not (main_dir / "heldout_eval.json").exists()
     for name in names:
@@ -246,56 +248,79 @@ def run_rows(names: list[str], args, budget: Budget, out: Path, deadline: float,
 
     def start(name: str, commands: list[list[str]], handle) -> None:
         command, *rest = commands
-        process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, cwd=REPO)
+        try:
+            process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, cwd=REPO)
+        except BaseException:
+            handle.close()
+            raise
         running[name] = _Running(rest, process, handle)
 
-    while pending or running:
-        if time.monotonic() > deadline:  # nothing new starts after the deadline
-            for name in pending:
-                on_exit(name, None, "not started before the deadline: rerun the same command")
-            pending.clear()
-        main_active = "main" in pending or "main" in running
-        for name in list(pending):
-            if len(running) >= args.parallel or time.monotonic() > deadline:
-                break
-            row, folder = ROWS[name], out / "rows" / name
-            needed = main_stages_needed(name, row, main_in_run)
-            if not all((main_dir / stage / "done.json").exists() for stage in needed):
-                if main_active:
-                    continue  # waits for main
+    try:
+        while pending or running:
+            if time.monotonic() > deadline:  # nothing new starts after the deadline
+                for name in pending:
+                    on_exit(name, None, "not started before the deadline: rerun the same command")
+                pending.clear()
+            main_active = "main" in pending or "main" in running
+            for name in list(pending):
+                if len(running) >= args.parallel:
+                    break
+                row, folder = ROWS[name], out / "rows" / name
+                needed = main_stages_needed(name, row, main_in_run)
+                if not all((main_dir / stage / "done.json").exists() for stage in needed):
+                    if main_active:
+                        continue  # waits for main
+                    pending.remove(name)
+                    on_exit(name, None, "not started: the main row stopped before the stages this row reuses")
+                    continue
                 pending.remove(name)
-                on_exit(name, None, "not started: the main row stopped before the stages this row reuses")
-                continue
-            pending.remove(name)
-            for stage in row.reuse:
-                _reuse_stage(main_dir / stage, folder / stage)
-            commands = row_command(name, row, args, budget, out, _selected_map(main_dir))
-            if _finished(folder):  # an earlier call trained it: only its evaluation is left
-                commands = commands[-1:]
-            folder.mkdir(parents=True, exist_ok=True)
-            (folder / "command.txt").write_text("\n".join(shlex.join(c) for c in commands) + "\n")
-            log.info("row %s: start", name)
-            start(name, commands, open(folder / "train.log", "a"))  # noqa: SIM115 (closed when the row ends)
-        time.sleep(1)
-        for name, job in list(running.items()):
-            now = time.monotonic()
-            if job.process.poll() is None:
-                if now > deadline and job.signalled is None:
-                    log.info("row %s: deadline, SIGTERM (a trainer checkpoints; rerun to resume)", name)
-                    job.process.send_signal(signal.SIGTERM)
-                    job.signalled = now
-                elif job.signalled is not None and now > job.signalled + 150:
-                    job.process.kill()
-                continue
-            code = job.process.returncode
-            del running[name]
-            if code == 0 and job.commands and job.signalled is None:
-                start(name, job.commands, job.handle)
-                continue
-            job.handle.close()
-            code = 0 if code == 0 and not job.commands else (code or -15)
-            log.info("row %s: exit %d", name, code)
-            on_exit(name, code)
+                for stage in row.reuse:
+                    _reuse_stage(main_dir / stage, folder / stage)
+                commands = row_command(name, row, args, budget, out, _selected_map(main_dir))
+                if _finished(folder):  # an earlier call trained it: only its evaluation is left
+                    commands = commands[-1:]
+                folder.mkdir(parents=True, exist_ok=True)
+                (folder / "command.txt").write_text("\n".join(shlex.join(c) for c in commands) + "\n")
+                ild_steps, kd_steps = budget.steps(name, row)  # what it trains with, for a later call's record
+                (folder / "budget.json").write_text(json.dumps({"ild_steps": ild_steps, "kd_steps": kd_steps}))
+                log.info("row %s: start", name)
+                start(name, commands, open(folder / "train.log", "a"))  # noqa: SIM115 (closed when the row ends)
+            time.sleep(1)
+            for name, job in list(running.items()):
+                now = time.monotonic()
+                if job.process.poll() is None:
+                    if now > deadline and job.signalled is None:
+                        log.info("row %s: deadline, SIGTERM (a trainer checkpoints; rerun to resume)", name)
+                        job.process.send_signal(signal.SIGTERM)
+                        job.signalled = now
+                    elif job.signalled is not None and now > job.signalled + 150:
+                        job.process.kill()
+                    continue
+                code = job.process.returncode
+                del running[name]
+                if code == 0 and job.commands and job.signalled is None and now <= deadline:
+                    start(name, job.commands, job.handle)  # the chain's next command, only before the deadline
+                    continue
+                job.handle.close()
+                code = 0 if code == 0 and not job.commands else (code or -15)
+                log.info("row %s: exit %d", name, code)
+                on_exit(name, code)
+    finally:
+        _stop_all(running)
+
+
+def _stop_all(running: dict[str, _Running]) -> None:
+    """SIGTERM what still runs (a trainer checkpoints), kill what outlives 150 s, close the logs."""
+    for job in running.values():
+        if job.process.poll() is None:
+            job.process.send_signal(signal.SIGTERM)
+    for name, job in running.items():
+        try:
+            job.process.wait(timeout=150)
+        except subprocess.TimeoutExpired:
+            job.process.kill()
+        job.handle.close()
+        log.info("row %s: stopped with the runner", name)
 
 
 def _finished(row_dir: Path) -> bool:
@@ -304,10 +329,16 @@ def _finished(row_dir: Path) -> bool:
 
 
 def _reuse_stage(source: Path, target: Path) -> None:
+    """Copy a finished stage of the main row into another row, atomically: a copy cut short (the call's time
+    limit) must not leave a stage folder that holds done.json and lacks the weights."""
     if not (source / "done.json").exists():
         raise RuntimeError(f"{source} is not finished: run the main row first")
-    if not target.exists():
-        shutil.copytree(source, target, ignore=shutil.ignore_patterns("checkpoints"))
+    if target.exists():
+        return
+    partial = target.with_name(f".{target.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    shutil.copytree(source, partial, ignore=shutil.ignore_patterns("checkpoints"))
+    os.replace(partial, target)
 
 
 def _selected_map(row_dir: Path) -> list[int] | None:
@@ -494,10 +525,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--teacher is required (a .gguf file, an HF directory or a Hub id)")
     if args.evaluate_row:
         return evaluate_command(args)
-    names = [n for n in args.rows.split(",") if n]
+    names = list(dict.fromkeys(n for n in args.rows.split(",") if n))
     unknown = [n for n in names if n not in ROWS]
     if unknown:
         parser.error(f"--rows: unknown {unknown}; known: {list(ROWS)}")
+    if args.parallel < 1:
+        parser.error(f"--parallel={args.parallel}: at least 1")
     start = time.monotonic()
     deadline = start + args.deadline_s if args.deadline_s else float("inf")
     from bench.common import environment, record
@@ -526,10 +559,14 @@ def main(argv: list[str] | None = None) -> int:
         what an earlier call recorded of it stays."""
         if code is None:
             log.info("row %s: %s", name, why)
+            outcomes[name] = None
             return
         row_dir = out / "rows" / name
-        ild_steps, kd_steps = budget.steps(name, ROWS[name])
-        entry = {"what": ROWS[name].what, "exit_code": code, "budget": {"ild_steps": ild_steps, "kd_steps": kd_steps}}
+        trained = row_dir / "budget.json"  # written when the row started, possibly by an earlier call
+        steps = dict(zip(("ild_steps", "kd_steps"), budget.steps(name, ROWS[name]), strict=True))
+        entry = {"what": ROWS[name].what, "exit_code": code}
+        entry["budget"] = json.loads(trained.read_text()) if trained.exists() else steps
+        outcomes[name] = code
         entry.update(row_summary(row_dir))
         evaluated = row_dir / "heldout_eval.json"
         if code == 0 and evaluated.exists():
@@ -541,8 +578,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.results_dir == RESULTS:
             render(sorted(RESULTS.glob("fidelity_smollm2_*.json")), DOC)
 
+    outcomes: dict[str, int | None] = {}
     run_rows(names, args, budget, out, deadline, on_exit)
-    return 0
+    return 0 if all(outcomes.get(name) == 0 for name in names) else 3  # 3: rows left to resume or to look at
 
 
 def evaluate_command(args: argparse.Namespace) -> int:

@@ -65,11 +65,15 @@ def _run(cfg: TrainConfig, out: Path, callbacks: dict[str, list]) -> dict:
         open_teacher_cache(cfg, ctx.tokenizer)  # a stale or incomplete cache stops the run before any stage trains
     report_path = out / "report.json"
     report = ctx.report
+    take_late_signal()  # a signal left by an earlier run in this process (one that failed after a fit) is not ours
+    # Which stages are finished, read once: every rank must walk the same stages (each does one collective per stage
+    # below), and rank 0 may finish a quick stage before another rank would look at its done.json.
+    finished = {name for name in cfg.stages if (ctx.stage_dir(name) / "done.json").exists()}
     # One W&B run for all stages (resumed by a rerun), finished when the block ends; a no-op for other loggers.
     with Tracker.start(cfg, out) as tracker:
         for index, name in enumerate(cfg.stages):
             done = ctx.stage_dir(name) / "done.json"
-            if done.exists():
+            if name in finished:
                 log.info("stage %s: finished earlier, skipped", name)
                 continue
             if not is_rank_zero() and not stage(name).trains:

@@ -129,7 +129,7 @@ def test_rows_start_when_the_main_stages_they_reuse_are_done(tmp_path, monkeypat
     (out / "rows" / "mla12").mkdir(parents=True)  # trained and evaluated by an earlier call
     (out / "rows" / "mla12" / "heldout_eval.json").write_text("{}")
     names = ["reverse_kl", "main", "uniform", "jsd", "mla4", "no_ild", "mla12"]
-    fidelity.run_rows(names, args, None, out, time.monotonic() + 10, on_exit)
+    fidelity.run_rows(names, args, Budget(1, 5, 2), out, time.monotonic() + 10, on_exit)
     rows = out / "rows"
     assert exits["main"] == (0, None) and exits["reverse_kl"] == (0, None)
     assert exits["uniform"][0] == 3  # its failing exit code
@@ -141,3 +141,5 @@ def test_rows_start_when_the_main_stages_they_reuse_are_done(tmp_path, monkeypat
     assert exits["jsd"][0] not in (0, None) and exits["mla4"][0] not in (0, None)  # SIGTERM at the deadline
     assert exits["no_ild"] == (None, "not started before the deadline: rerun the same command")  # two slots taken
     assert exits["mla12"] == (0, None) and not (rows / "mla12" / "started").exists()  # recorded, not rerun
+    budgets = {name: json.loads((rows / name / "budget.json").read_text()) for name in ("main", "reverse_kl")}
+    assert budgets == {"main": {"ild_steps": 1, "kd_steps": 5}, "reverse_kl": {"ild_steps": 1, "kd_steps": 2}}

@@ -377,3 +377,13 @@ def test_a_signal_after_the_last_step_stops_before_the_next_stage(tmp_path, teac
     assert signal.getsignal(signal.SIGTERM) == before  # the fit's handler is gone with it
     report = run(cfg)  # the rerun skips ILD and trains KD
     assert (tmp_path / "kd" / "done.json").exists() and "kd" in report["stage_seconds"]
+
+
+def test_a_late_signal_left_by_an_earlier_run_does_not_stop_the_next(tmp_path, teacher_cache, monkeypatch):
+    """A stage that fails after its fit (a post-fit error) leaves its late signal unconsumed; the next run in the same
+    process (tests, notebooks) must not take it for its own."""
+    from train.runtime import preemption
+
+    monkeypatch.setattr(preemption, "_late_signal", signal.SIGTERM)
+    run(compose_config(small(tmp_path, teacher_cache, "stages=[init,ild]")))
+    assert (tmp_path / "ild" / "done.json").exists() and preemption.take_late_signal() is None

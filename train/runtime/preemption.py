@@ -83,6 +83,7 @@ class PreemptionCheckpoint(L.Callback):
                 signal.signal(signum, previous)
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        take_late_signal()  # one left by a stage that failed after its fit belongs to no later fit
         self._pid, self._active, self.received = os.getpid(), True, None
         self._install()
 
