@@ -24,6 +24,7 @@ about half the tokens/s, 2026-12-07), but a row's start (data, compile, autotune
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -43,7 +44,6 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
 DOC = REPO / "docs" / "fidelity.md"
 PRESET = "smollm2_135m"
-PRESET_STAGES = ("init", "ild", "select", "kd", "eval", "export")  # conf/conf/smollm2_135m.yaml
 log = logging.getLogger("bench.fidelity")
 
 
@@ -194,7 +194,7 @@ def row_command(
     ]
     if name != "main":  # the pipeline's own eval stage (mixture eval, samples) is main's; rows get the held-out one
         stages = next((o.partition("=")[2] for o in row.overrides if o.startswith("stages=")), None)
-        stages = stages[1:-1].split(",") if stages else list(PRESET_STAGES)
+        stages = stages[1:-1].split(",") if stages else _preset_stages()
         overrides.append(f"stages=[{','.join(s for s in stages if s != 'eval')}]")
     if row.fixed_map:
         if main_map is None:
@@ -207,6 +207,13 @@ def row_command(
         return [[sys.executable, "-m", "train", *overrides], evaluate]
     overrides.append(f"kd.teacher_cache='{out / 'rows' / name / 'teacher_cache'}'")
     return [*([sys.executable, "-m", module, *overrides] for module in ("train.teacher_cache", "train")), evaluate]
+
+
+@functools.cache
+def _preset_stages() -> tuple[str, ...]:
+    from train.config import compose_config
+
+    return tuple(compose_config([f"conf={PRESET}"]).stages)
 
 
 def main_stages_needed(name: str, row: Row, main_in_run: bool) -> set[str]:

@@ -63,7 +63,6 @@ def _run(cfg: TrainConfig, out: Path, callbacks: dict[str, list]) -> dict:
     ctx = _load(cfg, out, callbacks)
     if "kd" in cfg.stages and cfg.kd.teacher_cache and not (ctx.stage_dir("kd") / "done.json").exists():
         open_teacher_cache(cfg, ctx.tokenizer)  # a stale or incomplete cache stops the run before any stage trains
-    report_path = out / "report.json"
     report = ctx.report
     take_late_signal()  # a signal left by an earlier run in this process (one that failed after a fit) is not ours
     # Which stages are finished, read once: every rank must walk the same stages (each does one collective per stage
@@ -72,35 +71,39 @@ def _run(cfg: TrainConfig, out: Path, callbacks: dict[str, list]) -> dict:
     # One W&B run for all stages (resumed by a rerun), finished when the block ends; a no-op for other loggers.
     with Tracker.start(cfg, out) as tracker:
         for index, name in enumerate(cfg.stages):
-            done = ctx.stage_dir(name) / "done.json"
             if name in finished:
                 log.info("stage %s: finished earlier, skipped", name)
                 continue
-            if not is_rank_zero() and not stage(name).trains:
-                wait_for_file(done, f"stage {name}")  # rank 0's work (train/runtime/ranks.py)
-                _stop_if_signalled_late(name, cfg.stages[index + 1 :])
-                continue
-            ctx.stage_dir(name).mkdir(parents=True, exist_ok=True)
-            if is_rank_zero():
-                record_stage_settings(cfg, ctx.stage_dir(name), name)
-            # Each stage starts from its own seed, so its result does not depend on which stages ran in this
-            # process (a cached tiny teacher, a skipped stage, a resumed run).
-            L.seed_everything(cfg.seed + index, workers=True)
-            start = time.perf_counter()
-            log.info("stage %s: start", name)
-            result = stage(name).run(ctx)
-            if not is_rank_zero():  # trained collectively; rank 0 saves the student and marks the stage done
-                wait_for_file(done, f"saving stage {name}")
-                _stop_if_signalled_late(name, cfg.stages[index + 1 :])
-                continue
-            seconds = time.perf_counter() - start
-            report["stage_seconds"][name] = round(seconds, 1)
-            write_json(done, {"seconds": seconds, **result})
-            write_json(report_path, report)
-            tracker.stage_done(name, report)
+            _run_stage(ctx, name, index, report, tracker)
             _stop_if_signalled_late(name, cfg.stages[index + 1 :])
         tracker.pipeline_done(report)
     return report
+
+
+def _run_stage(ctx: Context, name: str, index: int, report: dict, tracker: Tracker) -> None:
+    """One stage on this rank: rank 0 runs it (with the others, if it trains), saves it and marks it done; the
+    others train collectively where it trains and wait for rank 0's done.json."""
+    cfg, done = ctx.cfg, ctx.stage_dir(name) / "done.json"
+    if not is_rank_zero() and not stage(name).trains:
+        wait_for_file(done, f"stage {name}")  # rank 0's work (train/runtime/ranks.py)
+        return
+    ctx.stage_dir(name).mkdir(parents=True, exist_ok=True)
+    if is_rank_zero():
+        record_stage_settings(cfg, ctx.stage_dir(name), name)
+    # Each stage starts from its own seed, so its result does not depend on which stages ran in this
+    # process (a cached tiny teacher, a skipped stage, a resumed run).
+    L.seed_everything(cfg.seed + index, workers=True)
+    start = time.perf_counter()
+    log.info("stage %s: start", name)
+    result = stage(name).run(ctx)
+    if not is_rank_zero():  # trained collectively; rank 0 saves the student and marks the stage done
+        wait_for_file(done, f"saving stage {name}")
+        return
+    seconds = time.perf_counter() - start
+    report["stage_seconds"][name] = round(seconds, 1)
+    write_json(done, {"seconds": seconds, **result})
+    write_json(ctx.out / "report.json", report)
+    tracker.stage_done(name, report)
 
 
 def _stop_if_signalled_late(name: str, remaining: list[str]) -> None:
