@@ -1,7 +1,7 @@
 """The real-teacher benchmark: the whole recipe on SmolLM2-135M-Instruct, and what the student it produces is worth.
 
     python -m bench.fidelity --teacher /path/SmolLM2-135M-Instruct.Q4_1.gguf            # the main row
-    python -m bench.fidelity --teacher ... --rows main,baseline,uniform --parallel 3 --ablation-kd-steps 300
+    python -m bench.fidelity --teacher ... --rows main,baseline,uniform --parallel 2 --ablation-kd-steps 300
     python -m bench.fidelity --render                                                     # docs/fidelity.md only
 
 Each row is one `python -m train conf=smollm2_135m ...` run (the command users type) in `<out>/rows/<row>`, on
