@@ -59,6 +59,8 @@ class Row:
     teacher_cache: bool = False  # KD from the teacher's top-k written first by python -m train.teacher_cache
 
 
+GDN_MICRO_BATCHES = ("data.micro_batch_size=4", "trainer.accumulate_grad_batches=4")
+
 ROWS: dict[str, Row] = {
     "main": Row("init + ILD (both candidates) + SMART 8 of 30 + KD, forward KL (the preset)"),
     "baseline": Row(
@@ -98,12 +100,16 @@ ROWS: dict[str, Row] = {
         reuse=("init", "ild", "select"),
         teacher_cache=True,
     ),
+    # On Hopper GDN trains through the torch reference (fla's backward is refused there, models/gated_delta.py),
+    # which keeps every chunk's intermediates: ILD at 16 rows per micro-batch ran out of an H100's memory beside
+    # main's KD. Four micro-batches of 4 rows: the same 16 rows per optimizer step as every other row.
     "mla_gdn": Row(
-        "SMART 8 MLA layers, Gated DeltaNet in the others (ILD of MLA and GDN)", ("select.fill_kinds=[gdn]",)
+        "SMART 8 MLA layers, Gated DeltaNet in the others (ILD of MLA and GDN)",
+        ("select.fill_kinds=[gdn]", *GDN_MICRO_BATCHES),
     ),
     "smart_3kinds": Row(
         "SMART 8 MLA layers, each other layer Mamba2 or Gated DeltaNet by its ILD loss (three kinds)",
-        ("select.fill_kinds=[mamba,gdn]",),
+        ("select.fill_kinds=[mamba,gdn]", *GDN_MICRO_BATCHES),
     ),
     "rank64": Row(
         "kv_lora_rank 64 (main's layer map, ILD of the assigned mixers)",
@@ -473,10 +479,19 @@ def row_summary(row_dir: Path) -> dict:
     """From the run itself: stage times, tokens, the pipeline's eval, the KD validation curve."""
     from train.runtime.csv_log import read_metrics
 
-    report = json.loads((row_dir / "report.json").read_text()) if (row_dir / "report.json").exists() else {}
+    def read_report(folder: Path) -> dict:
+        return json.loads((folder / "report.json").read_text()) if (folder / "report.json").exists() else {}
+
+    report = read_report(row_dir)
+    # a stage copied from the main row (Row.reuse) trained on main's tokens: count them, as equal-token rows must
+    main = read_report(row_dir.parent / "main") if row_dir.name != "main" else {}
+    tokens = {}
+    for stage in ("ild", "kd"):
+        source = report if stage in report or not (row_dir / stage / "done.json").exists() else main
+        tokens[stage] = source.get(stage, {}).get("tokens_seen", 0)
     summary = {
         "stage_seconds": report.get("stage_seconds", {}),
-        "tokens": {s: report.get(s, {}).get("tokens_seen", 0) for s in ("ild", "kd")},
+        "tokens": tokens,
         "mixture_eval": report.get("eval"),
         "mla_layers": (report.get("select") or {}).get("mla_layers"),
         "command": (row_dir / "command.txt").read_text().strip() if (row_dir / "command.txt").exists() else None,
@@ -579,7 +594,9 @@ def main(argv: list[str] | None = None) -> int:
         if code == 0 and evaluated.exists():
             entry["heldout_packages"] = json.loads(evaluated.read_text())
         else:
-            entry["status"] = f"stopped (exit {code}); rerun the same command to resume, see {row_dir}/train.log"
+            trained_all = (row_dir / "export" / "done.json").exists()  # export: every row's last pipeline stage
+            done = "trained; its held-out evaluation stopped" if trained_all else "stopped"
+            entry["status"] = f"{done} (exit {code}); rerun the same command to resume, see {row_dir}/train.log"
         record(results, name, entry, header)
         log.info("row %s recorded in %s", name, results)
         if args.results_dir == RESULTS:

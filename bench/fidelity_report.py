@@ -104,7 +104,8 @@ def ablation_table(rows: dict[str, dict]) -> list[str]:
         entry = rows[name]
         held = entry.get("heldout_packages")
         if not held or "final" not in held:
-            lines.append(_row(name, entry["what"], _tokens(entry), entry.get("status", "not finished"), *[""] * 6))
+            status = entry.get("status", "not finished") + _last_kd_ce(entry)
+            lines.append(_row(name, entry["what"], _tokens(entry), status, *[""] * 6))
             continue
         final, teacher = held["final"], held["teacher"]
         lines.append(
@@ -203,7 +204,18 @@ def _partial(entry: dict) -> list[str]:
             + ", ".join(f"{k.split('/')[-1]} {v[1]:.4f}" for k, v in last.items())
             + "."
         )
+    mixture = entry.get("mixture_eval")
+    if mixture and "teacher" in mixture:  # the pipeline's own eval stage finished (on the KD validation split)
+        eval_s = (entry.get("stage_seconds") or {}).get("eval")
+        lines += ["", f"The pipeline's eval stage ({eval_s} s) on the KD validation split:", ""]
+        lines += main_table({"heldout_packages": {k.split()[0]: v for k, v in mixture.items()}})
     return [*lines, ""]
+
+
+def _last_kd_ce(entry: dict) -> str:
+    """The last KD-validation CE of a row not yet evaluated on the held-out packages ('' without one)."""
+    points = (entry.get("curve") or {}).get("val/kd/ce")
+    return f"; KD-val CE {points[-1][1]:.4f} at KD step {int(points[-1][0]) + 1}" if points else ""
 
 
 def _eval_seconds(entry: dict) -> object:

@@ -14,12 +14,15 @@ OUT="${OUT:-/tmp/out}"; mkdir -p "$OUT"
 GGUF=/root/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 WORK=/root/fidelity
 export PYTHONUNBUFFERED=1 TRITON_CACHE_AUTOTUNING=1  # parallel rows and later stages reuse autotune results
+export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True  # two rows share the GPU: less fragmentation
 stamp() { date -u +%H:%M:%S; }
 fidelity() {  # bench.fidelity with its results and doc copied back
   python3 -m bench.fidelity --teacher "$GGUF" --out "$WORK" "$@" 2>&1 | tee -a "$OUT/fidelity.log"
   cp bench/results/fidelity_smollm2_*.json bench/results/fidelity_smollm2_*.png docs/fidelity.md "$OUT/" 2>/dev/null
   # logs, metrics and the teacher's chat answers (carry them to skip regenerating), at most 8 files back
-  tar czf "$OUT/rows_logs.tgz" -C "$WORK" --exclude='*.ckpt' --exclude='*.safetensors' --exclude=cache rows \
+  # (not the teacher_cache row's top-k shards: GBs, and taring them outlived a call's limit on 12-07)
+  tar czf "$OUT/rows_logs.tgz" -C "$WORK" --exclude='*.ckpt' --exclude='*.safetensors' --exclude=cache \
+    --exclude='rows/teacher_cache/teacher_cache' rows \
     data/chats.jsonl.gz data/manifest.json data/chats_stats.json 2>/dev/null
 }
 

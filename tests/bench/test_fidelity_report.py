@@ -67,6 +67,35 @@ def test_render_tables_plots_and_kept_notes(tmp_path):
     assert "*student:*" in text and "Hello!" in text
 
 
+def test_render_an_unevaluated_main_row_shows_its_eval_stage_and_last_validation(tmp_path):
+    main = _entry(1.72)
+    del main["heldout_packages"]  # trained, its held-out-packages evaluation cut by a deadline
+    main["status"] = "stopped (exit -15)"
+    main["mixture_eval"] = {"teacher": _held(1.5, 1.0, 23040), "final student": _held(2.1, 0.66, 2560)}
+    main["stage_seconds"]["eval"] = 46.6
+    results = tmp_path / "fidelity_smollm2_h100.json"
+    rows = {"main": main, "teacher_cache": {"what": "c", "status": "stopped", "curve": {"val/kd/ce": [[299, 2.07]]}}}
+    results.write_text(json.dumps({"card": "NVIDIA H100", "date": "2026-12-07T00:00:00", "results": rows}))
+    doc = tmp_path / "fidelity.md"
+    render([results], doc)
+    text = doc.read_text()
+    assert "eval stage (46.6 s)" in text and "| final student | 2.1000 |" in text and "+40.0 %" in text
+    assert "| teacher_cache | c |" in text and "KD-val CE 2.0700 at KD step 300" in text
+
+
+def test_a_row_counts_the_tokens_of_the_main_stages_it_reuses(tmp_path):
+    rows = tmp_path / "rows"
+    for name, report in (("main", {"ild": {"tokens_seen": 300}, "kd": {"tokens_seen": 900}}),
+                         ("reuses", {"kd": {"tokens_seen": 700}}), ("own", {"kd": {"tokens_seen": 800}})):  # fmt: skip
+        (rows / name).mkdir(parents=True)
+        (rows / name / "report.json").write_text(json.dumps(report))
+    (rows / "reuses" / "ild").mkdir()
+    (rows / "reuses" / "ild" / "done.json").write_text("{}")  # copied from main by _reuse_stage
+    assert fidelity.row_summary(rows / "reuses")["tokens"] == {"ild": 300, "kd": 700}
+    assert fidelity.row_summary(rows / "own")["tokens"] == {"ild": 0, "kd": 800}  # no ILD: none counted
+    assert fidelity.row_summary(rows / "main")["tokens"] == {"ild": 300, "kd": 900}
+
+
 def test_rows_get_equal_tokens_and_main_map():
     args = argparse.Namespace(teacher="/t.gguf", seq_len=2048, eval_rows=128, samples=4)
     budget = Budget(100, 400, 300, ["data.seq_len=2048"])
