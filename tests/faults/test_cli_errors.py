@@ -1,12 +1,12 @@
 """Mistakes a user makes on the command line, in the teacher or in the data, through the real `python -m train`:
 each ends within seconds with exit code 2 and one line on stderr naming the key (or file), the bad value and what
-is allowed; no traceback unless HYDRA_FULL_ERROR=1. Cases run two at a time (startup dominates)."""
+is allowed; no traceback unless HYDRA_FULL_ERROR=1. Cases run two at a time, each in its own process forked after
+the imports (startup would be nearly all of their time: tests/faults/forked_cli.py)."""
 
 from __future__ import annotations
 
 import json
 import re
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -15,8 +15,6 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer, GPT2Config, LlamaConfig, LlamaForCausalLM
 
 from data.corpus import tiny_tokenizer_path
-
-from .conftest import cli
 
 # (overrides, substrings of the one error line)
 CONFIG_CASES = {
@@ -42,13 +40,10 @@ def _folder(name: str) -> str:
     return re.sub(r"\W+", "_", name)
 
 
-def _run_all(cases: dict[str, tuple[list[str], list[str]]], out: Path) -> dict:
-    def one(item):
-        name, (overrides, _) = item
-        return name, cli(*overrides, f"output_dir={out / _folder(name)}", timeout=120)
-
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        return dict(pool.map(one, cases.items()))
+def _run_all(forked_cli, cases: dict[str, tuple[list[str], list[str]]], out: Path) -> dict:
+    return forked_cli.many(
+        {name: [*overrides, f"output_dir={out / _folder(name)}"] for name, (overrides, _) in cases.items()}
+    )
 
 
 def _check(results: dict, cases: dict, max_seconds: float | None = None) -> None:
@@ -63,14 +58,14 @@ def _check(results: dict, cases: dict, max_seconds: float | None = None) -> None
         print(f"{name}: {message}")
 
 
-def test_config_mistakes_end_in_one_line(tmp_path):
-    results = _run_all(CONFIG_CASES, tmp_path)
+def test_config_mistakes_end_in_one_line(tmp_path, forked_cli):
+    results = _run_all(forked_cli, CONFIG_CASES, tmp_path)
     _check(results, CONFIG_CASES)
     assert not any((tmp_path / _folder(name) / "init").exists() for name in CONFIG_CASES)  # no stage started
 
 
-def test_full_traceback_on_request(tmp_path):
-    result = cli("stages=[init,kd,ild]", f"output_dir={tmp_path}", env={"HYDRA_FULL_ERROR": "1"}, timeout=120)
+def test_full_traceback_on_request(tmp_path, forked_cli):
+    result = forked_cli("stages=[init,kd,ild]", f"output_dir={tmp_path}", env={"HYDRA_FULL_ERROR": "1"})
     assert result.returncode != 0 and "Traceback" in result.stderr and "ConfigError" in result.stderr
 
 
@@ -107,7 +102,7 @@ def teachers(tmp_path_factory) -> dict[str, Path]:
     return dirs
 
 
-def test_teacher_mistakes_end_in_one_line(tmp_path, teachers):
+def test_teacher_mistakes_end_in_one_line(tmp_path, teachers, forked_cli):
     cases = {
         "missing path": (["teacher.name_or_path=/no/such/teacher"], ["'/no/such/teacher'", "local directory"]),
         # a relative path that does not exist looks like a Hub id: offline, it is named with the Hub's answer
@@ -131,7 +126,7 @@ def test_teacher_mistakes_end_in_one_line(tmp_path, teachers):
             ["data.seq_len=128", "max_position_embeddings 64"],
         ),
     }
-    _check(_run_all(cases, tmp_path), cases)
+    _check(_run_all(forked_cli, cases, tmp_path), cases)
 
 
 def test_non_finite_teacher_weights_are_named_when_loading(teachers):
@@ -197,7 +192,7 @@ def data_files(tmp_path_factory) -> dict[str, Path]:
     return out
 
 
-def test_data_mistakes_end_in_one_line(tmp_path, data_files, teacher_cache):
+def test_data_mistakes_end_in_one_line(tmp_path, data_files, teacher_cache, forked_cli):
     def source(path: Path, **extra) -> str:
         fields = ",".join([f"name_or_path:'{path}'", *(f"{k}:{v}" for k, v in extra.items())])
         return f"data.sources=[{{{fields}}}]"
@@ -229,7 +224,7 @@ def test_data_mistakes_end_in_one_line(tmp_path, data_files, teacher_cache):
         ),
     }
     cases = {name: (overrides + teacher, expected) for name, (overrides, expected) in cases.items()}
-    _check(_run_all(cases, tmp_path), cases)
+    _check(_run_all(forked_cli, cases, tmp_path), cases)
 
 
 def test_unreadable_data_config_in_a_saved_run_is_named(tmp_path):

@@ -102,7 +102,7 @@ def test_kd_from_a_separate_padded_teacher_equals_the_reference_loss(tmp_path, t
     )
 
 
-def test_a_kd_teacher_with_another_tokenizer_stops_before_any_weights_load(tmp_path):
+def test_a_kd_teacher_with_another_tokenizer_stops_before_any_weights_load(tmp_path, forked_cli):
     tokenizer = json.loads((tiny_tokenizer_path() / "tokenizer.json").read_text())
     vocab = tokenizer["model"]["vocab"]
     first, second = (token for token, i in vocab.items() if i in (100, 101))
@@ -114,7 +114,7 @@ def test_a_kd_teacher_with_another_tokenizer_stops_before_any_weights_load(tmp_p
         (swapped / name).write_bytes((tiny_tokenizer_path() / name).read_bytes())
     kd_dir = _kd_teacher(tmp_path / "kd_teacher", swapped)
     cache = tmp_path / "tiny_teacher"
-    result = cli(*small(tmp_path / "run", cache, f"kd.teacher_name_or_path={kd_dir}"), timeout=120)
+    result = forked_cli(*small(tmp_path / "run", cache, f"kd.teacher_name_or_path={kd_dir}"), timeout=120)
     line = last_line(result)
     assert result.returncode == 2, result.stderr[-2000:]
     assert line.startswith("config error: kd.teacher_name_or_path=") and str(kd_dir) in line and "'tiny'" in line
@@ -122,9 +122,9 @@ def test_a_kd_teacher_with_another_tokenizer_stops_before_any_weights_load(tmp_p
     assert not cache.exists() or not any(cache.iterdir())  # the tiny teacher was never trained
 
 
-def test_the_memory_preflight_refuses_a_gpu_too_small_in_one_line(tmp_path):
+def test_the_memory_preflight_refuses_a_gpu_too_small_in_one_line(tmp_path, forked_cli):
     cache = tmp_path / "tiny_teacher"
-    result = cli(*small(tmp_path / "run", cache, "trainer.device_memory_gib=1"), timeout=120)
+    result = forked_cli(*small(tmp_path / "run", cache, "trainer.device_memory_gib=1"), timeout=120)
     line = last_line(result)
     assert result.returncode == 2, result.stderr[-2000:]
     assert line.startswith("error: memory pre-flight: stage ild needs ~") and "data.micro_batch_size=2 -> 1" in line

@@ -36,10 +36,10 @@ def _mixers(student_dir) -> list[str]:
     return json.loads((student_dir / "config.json").read_text())["mixer_types"]
 
 
-def test_a_changed_layer_map_is_refused_and_the_saved_config_kept(finished, tmp_path, teacher_cache):
+def test_a_changed_layer_map_is_refused_and_the_saved_config_kept(finished, tmp_path, teacher_cache, forked_cli):
     out = _copy(finished, tmp_path)
     saved = (out / ".hydra" / "config.yaml").read_text()
-    result = cli(*small(out, teacher_cache, "stages=[init,ild,kd]", "student.mla_layers=[1,3]"))
+    result = forked_cli(*small(out, teacher_cache, "stages=[init,ild,kd]", "student.mla_layers=[1,3]"))
     assert result.returncode == 2, result.stderr[-2000:]
     line = last_line(result)
     assert "stage init" in line and "student.mla_layers: [0, 2] -> [1, 3]" in line and "restart_from=init" in line
@@ -68,9 +68,9 @@ def test_restart_from_redoes_the_stage_and_the_later_ones_once(finished, tmp_pat
     assert plain.returncode == 0, plain.stderr[-3000:]
 
 
-def test_a_changed_stage_setting_names_that_stage(finished, tmp_path, teacher_cache):
+def test_a_changed_stage_setting_names_that_stage(finished, tmp_path, teacher_cache, forked_cli):
     out = _copy(finished, tmp_path)
-    result = cli(*small(out, teacher_cache, "stages=[init,ild]", "ild.lr=0.5"))
+    result = forked_cli(*small(out, teacher_cache, "stages=[init,ild]", "ild.lr=0.5"))
     assert result.returncode == 2
     line = last_line(result)
     assert "stage ild" in line and "ild.lr: 0.001 -> 0.5" in line and "restart_from=ild" in line
@@ -90,7 +90,7 @@ def test_settings_that_cannot_change_a_result_may_change(finished, tmp_path, tea
     assert "stage ild: finished earlier, skipped" in result.stdout + result.stderr
 
 
-def test_a_swapped_teacher_behind_the_same_path_is_refused(finished, tmp_path, teacher_cache):
+def test_a_swapped_teacher_behind_the_same_path_is_refused(finished, tmp_path, teacher_cache, forked_cli):
     from dataclasses import asdict
 
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -107,20 +107,20 @@ def test_a_swapped_teacher_behind_the_same_path_is_refused(finished, tmp_path, t
     config = LlamaConfig.from_pretrained(teacher)
     config.intermediate_size += 8  # another model, same files by name
     LlamaForCausalLM(config).save_pretrained(teacher)
-    result = cli(*base)
+    result = forked_cli(*base)
     assert result.returncode == 2 and "teacher weight files" in last_line(result), result.stderr[-2000:]
 
 
-def test_a_first_stage_without_a_student_is_refused_before_anything_loads(tmp_path):
+def test_a_first_stage_without_a_student_is_refused_before_anything_loads(tmp_path, forked_cli):
     cache = tmp_path / "teacher_cache"  # a fresh cache: a run that got as far as the teacher would train one
-    result = cli(*small(tmp_path / "run", cache, "stages=[eval]"), timeout=60)
+    result = forked_cli(*small(tmp_path / "run", cache, "stages=[eval]"), timeout=60)
     assert result.returncode == 2
     assert "eval starts from a student" in last_line(result) and "init" in last_line(result)
     assert not cache.exists()
 
 
 @pytest.mark.parametrize("where", ["file", "under_file", "read_only"])
-def test_an_output_dir_that_cannot_hold_a_run_is_refused(tmp_path, where):
+def test_an_output_dir_that_cannot_hold_a_run_is_refused(tmp_path, where, forked_cli):
     blocker = tmp_path / "blocker"
     if where == "read_only":
         if os.geteuid() == 0:
@@ -131,13 +131,14 @@ def test_an_output_dir_that_cannot_hold_a_run_is_refused(tmp_path, where):
     else:
         blocker.write_text("not a folder")
         out = blocker if where == "file" else blocker / "run"
-    result = cli(*small(out, tmp_path / "cache"), timeout=60)
+    result = forked_cli(*small(out, tmp_path / "cache"), timeout=60)
     assert result.returncode == 2, result.stderr[-2000:]
     assert last_line(result).startswith("config error: output_dir=") and "Traceback" not in result.stderr
 
 
-def test_restart_from_must_be_one_of_the_stages(tmp_path):
-    result = cli(*small(tmp_path / "run", tmp_path / "cache", "stages=[init,ild]", "restart_from=kd"), timeout=60)
+def test_restart_from_must_be_one_of_the_stages(tmp_path, forked_cli):
+    args = small(tmp_path / "run", tmp_path / "cache", "stages=[init,ild]", "restart_from=kd")
+    result = forked_cli(*args, timeout=60)
     assert (
         result.returncode == 2 and "restart_from='kd'" in last_line(result) and "['init', 'ild']" in last_line(result)
     )
@@ -174,11 +175,11 @@ def test_dropping_an_earlier_stage_changes_the_later_ones(tmp_path):
         check_rerun(after, out)
 
 
-def test_a_damaged_student_of_a_finished_stage_is_named(finished, tmp_path, teacher_cache):
+def test_a_damaged_student_of_a_finished_stage_is_named(finished, tmp_path, teacher_cache, forked_cli):
     out = _copy(finished, tmp_path)
     weights = out / "ild" / "student" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])  # a copy that stopped early
-    result = cli(*small(out, teacher_cache, "stages=[init,ild,kd]"))
+    result = forked_cli(*small(out, teacher_cache, "stages=[init,ild,kd]"))
     assert result.returncode == 4, result.stderr[-2000:]
     line = last_line(result)
     assert "the student saved by stage ild" in line and str(out / "ild" / "student") in line

@@ -16,7 +16,7 @@ import pytest
 
 from train.runtime.run_lock import LOCK_NAME, OutputDirInUse, RunLock
 
-from .conftest import cli, small
+from .conftest import small
 
 
 def _write_lock(out, host: str, pid: int, age_s: float = 0.0) -> None:
@@ -85,14 +85,14 @@ def test_concurrent_takers_of_a_stale_lock_end_with_one_owner(tmp_path):
     assert sorted(outcomes) == ["owner"] + ["refused"] * 7, outcomes
 
 
-def test_the_cli_refuses_a_held_output_dir_in_one_line(tmp_path, teacher_cache):
+def test_the_cli_refuses_a_held_output_dir_in_one_line(tmp_path, teacher_cache, forked_cli):
     out = tmp_path / "run"
     out.mkdir()
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
     try:
         _write_lock(out, socket.gethostname(), holder.pid)
         start = time.perf_counter()
-        result = cli(*small(out, teacher_cache))
+        result = forked_cli(*small(out, teacher_cache))
         seconds = time.perf_counter() - start
     finally:
         holder.kill()

@@ -11,3 +11,10 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def teacher_cache(tmp_path_factory):
+    """The tiny teacher's cache folder, shared by the pipeline tests of every module here (test_pipeline, test_wandb,
+    test_eval_placement): the same settings give the same teacher, trained once (~11 s) instead of once a module."""
+    return tmp_path_factory.mktemp("tiny_teacher")

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import PreTrainedModel
 
-from tests.train.test_pipeline import small, teacher_cache  # noqa: F401 (fixture)
+from tests.train.test_pipeline import small
 from train.config.schema import TrainerConfig
 from train.pipeline import run
 from train.stages import eval as eval_stage
@@ -29,7 +29,7 @@ def test_placement_follows_the_trainer_config():
 
 def test_eval_stage_runs_every_model_forward_under_the_training_precision(
     tmp_path,
-    teacher_cache,  # noqa: F811
+    teacher_cache,
     monkeypatch,
 ):
     cfg = small(tmp_path / "run", teacher_cache, "stages=[init,eval]", "trainer.precision=bf16-mixed")

@@ -40,11 +40,6 @@ def small(tmp_path, teacher_cache, *extra):
     return cfg
 
 
-@pytest.fixture(scope="module")
-def teacher_cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("tiny_teacher")
-
-
 class Interrupt(L.Callback):
     """Raises in the middle of a stage, as a crash or preemption would."""
 

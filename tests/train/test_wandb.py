@@ -21,11 +21,6 @@ from train.runtime.tracking import RUN_ID_FILE, layer_loss_rows, redacted
 from train.runtime.tracking import run_id as pipeline_run_id
 
 
-@pytest.fixture(scope="module")
-def teacher_cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("tiny_teacher")
-
-
 @pytest.fixture
 def wandb_dir(tmp_path, monkeypatch) -> Path:
     """Offline W&B with every folder of it inside tmp_path (conftest disables W&B by default)."""
