@@ -16,6 +16,14 @@ WORK=/root/fidelity
 export PYTHONUNBUFFERED=1 TRITON_CACHE_AUTOTUNING=1  # parallel rows and later stages reuse autotune results
 export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True  # two rows share the GPU: less fragmentation
 stamp() { date -u +%H:%M:%S; }
+# Triton's autotune choices (a few KB of json) outlive the machine: a fresh one otherwise benchmarks every config of
+# every mamba-ssm / fla kernel again before a row's first step. KERNEL_CACHE: a tarball an earlier call brought back.
+if [ -n "${KERNEL_CACHE:-}" ] && [ -f "$KERNEL_CACHE" ]; then
+  mkdir -p ~/.triton/cache && tar xzf "$KERNEL_CACHE" -C ~/.triton/cache && echo "$(stamp) autotune cache restored"
+fi
+save_kernel_cache() {
+  (cd ~/.triton/cache 2>/dev/null && find . -name '*.autotune.json' | tar czf "$OUT/kernel_cache.tgz" -T -) || true
+}
 fidelity() {  # bench.fidelity with its results and doc copied back
   python3 -m bench.fidelity --teacher "$GGUF" --out "$WORK" "$@" 2>&1 | tee -a "$OUT/fidelity.log"
   cp bench/results/fidelity_smollm2_*.json bench/results/fidelity_smollm2_*.png docs/fidelity.md "$OUT/" 2>/dev/null
@@ -63,4 +71,5 @@ all)
     ${CHATS_FILE:+--chats-file "$CHATS_FILE"}
   ;;
 esac
+save_kernel_cache
 echo "$(stamp) done"
