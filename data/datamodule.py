@@ -90,8 +90,10 @@ class DistillDataModule(L.LightningDataModule):
 
     # ---- data -----------------------------------------------------------------------------------
     def prepare_data(self) -> None:
-        """Download, tokenize and pack once per node (later calls hit the datasets cache)."""
-        build_phases(self.cfg, load_tokenizer(self.cfg, self._tokenizer_arg))
+        """Download, tokenize and pack once per node (later calls hit the datasets cache). The process that did it
+        keeps the result: its `setup` would only build the same rows again from the cache."""
+        self.tokenizer = load_tokenizer(self.cfg, self._tokenizer_arg)
+        self.phases = build_phases(self.cfg, self.tokenizer)
 
     def setup(self, stage: str | None = None) -> None:
         if not self.phases:
