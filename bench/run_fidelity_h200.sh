@@ -16,18 +16,26 @@ WORK=/root/fidelity
 export PYTHONUNBUFFERED=1 TRITON_CACHE_AUTOTUNING=1  # parallel rows and later stages reuse autotune results
 export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True  # two rows share the GPU: less fragmentation
 stamp() { date -u +%H:%M:%S; }
-# Triton's autotune choices (a few KB of json) outlive the machine: a fresh one otherwise benchmarks every config of
-# every mamba-ssm / fla kernel again before a row's first step. KERNEL_CACHE: a tarball an earlier call brought back.
+# Compilation outlives the machine: Triton's autotune choices (a few KB of json) and inductor's cache (compiled
+# graphs and their kernels), or a fresh machine spends minutes compiling and benchmarking every config of every
+# kernel before a row's first step. KERNEL_CACHE: the kernel_cache.tgz an earlier call brought back from $OUT.
 if [ -n "${KERNEL_CACHE:-}" ] && [ -f "$KERNEL_CACHE" ]; then
-  mkdir -p ~/.triton/cache && tar xzf "$KERNEL_CACHE" -C ~/.triton/cache && echo "$(stamp) autotune cache restored"
+  tar xzf "$KERNEL_CACHE" -C / && echo "$(stamp) compile caches restored from $KERNEL_CACHE"
 fi
-save_kernel_cache() {
-  (cd ~/.triton/cache 2>/dev/null && find . -name '*.autotune.json' | tar czf "$OUT/kernel_cache.tgz" -T -) || true
+save_kernel_cache() {  # one file back (at most 16 MiB): inductor's cache only when it fits beside the choices
+  local inductor="tmp/torchinductor_$(id -un)" tunes
+  tunes=$(cd / && find "${TRITON_CACHE_DIR:-$HOME/.triton/cache}" -name '*.autotune.json' 2>/dev/null | sed 's|^/||')
+  (cd / && tar czf "$OUT/kernel_cache.tgz" $tunes "$inductor" 2>/dev/null)
+  if [ "$(stat -c %s "$OUT/kernel_cache.tgz" 2>/dev/null || echo 0)" -gt 15000000 ]; then
+    (cd / && tar czf "$OUT/kernel_cache.tgz" $tunes 2>/dev/null)
+  fi
 }
 fidelity() {  # bench.fidelity with its results and doc copied back
   python3 -m bench.fidelity --teacher "$GGUF" --out "$WORK" "$@" 2>&1 | tee -a "$OUT/fidelity.log"
-  cp bench/results/fidelity_smollm2_*.json bench/results/fidelity_smollm2_*.png docs/fidelity.md "$OUT/" 2>/dev/null
-  # logs, metrics and the teacher's chat answers (carry them to skip regenerating), at most 8 files back
+  # at most 8 files come back: the results and the page in one tarball, the rows' logs in another
+  tar czf "$OUT/results.tgz" bench/results/fidelity_smollm2_*.json bench/results/fidelity_smollm2_*.png \
+    docs/fidelity.md 2>/dev/null
+  # logs, metrics, nvidia-smi samples and the teacher's chat answers (carry them to skip regenerating)
   # (not the teacher_cache row's top-k shards: GBs, and taring them outlived a call's limit on 12-07)
   tar czf "$OUT/rows_logs.tgz" -C "$WORK" --exclude='*.ckpt' --exclude='*.safetensors' --exclude=cache \
     --exclude='rows/teacher_cache/teacher_cache' rows \
