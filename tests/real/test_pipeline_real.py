@@ -5,9 +5,13 @@ to end, and ILD and KD lowering their losses on real weights. A 135M teacher plu
 
 from __future__ import annotations
 
+import argparse
+import gzip
+import json
 import math
 import shutil
 
+from bench.fidelity import evaluate_row
 from data.corpus import tiny_corpus_path
 from train.config import compose_config, validate_config
 from train.pipeline import run
@@ -27,7 +31,7 @@ def shrunk(tmp_path, gguf, *extra):
         f"output_dir={tmp_path / 'run'}",
         f"teacher.name_or_path={gguf}",
         "teacher.dtype=float32",
-        "stages=[init,ild,kd,eval]",
+        "stages=[init,ild,kd,eval,export]",
         f"student.mla_layers={LAYERS}",
         "student.compile=false",
         "student.mamba.chunk_size=64",
@@ -60,7 +64,7 @@ def _train_losses(stage_dir) -> list[float]:
     return [value for _, value in read_metrics(stage_dir / "logs" / "metrics.csv")["train/loss"]]
 
 
-def test_ild_and_kd_lower_their_losses_on_the_gguf_teacher(
+def test_ild_and_kd_lower_their_losses_on_the_gguf_teacher_and_the_bench_evaluates_it(
     tmp_path, smollm2_gguf_file, smollm2_dir, zebra_cache, monkeypatch
 ):
     # run() resolves the .gguf through $ZEBRA_DISTILL_CACHE/gguf, where smollm2_dir already lies: no second dequantizing
@@ -79,4 +83,34 @@ def test_ild_and_kd_lower_their_losses_on_the_gguf_teacher(
     assert all(math.isfinite(value) for value in loss.values())  # measured: 3.048, 10.465, 5.607 (4.788 after 8+8)
     assert loss["teacher"] < loss["final student"] < loss["initialized student"]
     assert rows["final student"]["kv_bytes_per_token"] == 2560 and rows["teacher"]["kv_bytes_per_token"] == 23040
+
+    # the benchmark's held-out evaluation of that run (bench.fidelity --evaluate-row: what fills docs/fidelity.md)
+    heldout = tmp_path / "heldout.jsonl.gz"
+    with gzip.open(heldout, "wt") as handle:
+        for doc in HELDOUT_DOCS:
+            handle.write(json.dumps({"text": doc}) + "\n")
+    args = argparse.Namespace(seq_len=64, eval_rows=2, samples=1)
+    result = evaluate_row(tmp_path / "run", str(smollm2_dir), {"heldout": heldout}, args)
+    names = ("teacher", "initialized", "final")
+    print("bench held-out loss: " + ", ".join(f"{k} {result[k]['loss']:.3f}" for k in names))
+    assert result["teacher"]["loss"] < result["final"]["loss"] < result["initialized"]["loss"]
+    assert result["final"]["mla_layers"] == json.loads(LAYERS) and result["final"]["kv_bytes_per_token"] == 2560
+    assert 0 <= result["final"]["top1_agreement"] <= 1 and result["final"]["kl_to_teacher"] > 0
+    samples = result["samples"]
+    assert [len(samples["code"]), len(samples["chat"])] == [1, 1]
+    assert samples["code"][0]["prompt"].startswith("import ") and samples["chat"][0]["teacher"].strip()
     shutil.rmtree(tmp_path / "run")  # ~4 GB of checkpoints and students; pytest keeps the last three sessions' tmp
+
+
+# Held-out "packages" for the benchmark's evaluation: short Python files written for this test.
+HELDOUT_DOCS = [
+    'import os\n\n\ndef list_python_files(root):\n    """Every .py file under root, sorted."""\n'
+    "    found = []\n    for folder, _, names in os.walk(root):\n        for name in names:\n"
+    "            if name.endswith('.py'):\n                found.append(os.path.join(folder, name))\n"
+    "    return sorted(found)\n",
+    'class Counter:\n    """Counts how often each word appears."""\n\n    def __init__(self):\n'
+    "        self.counts = {}\n\n    def add(self, word):\n        self.counts[word] = self.counts.get(word, 0) + 1\n"
+    "\n    def most_common(self):\n        return max(self.counts, key=self.counts.get)\n",
+    'def fibonacci(n):\n    """The first n Fibonacci numbers."""\n    a, b = 0, 1\n    out = []\n'
+    "    for _ in range(n):\n        out.append(a)\n        a, b = b, a + b\n    return out\n",
+] * 3
