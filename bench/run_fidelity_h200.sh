@@ -3,6 +3,7 @@
 # /root/smollm2 and .device/install.sh ran. Logs and results go to $OUT (the device tool returns them).
 #   PART=checks  GPU tests at the real shapes, the compile crash reproduced without its fix, a ZeRO-2 + compile +
 #                fused-KD pipeline smoke on the real teacher (TEACHER: default the GGUF)
+#   OVERRIDES    extra Hydra overrides for every row (space-separated), e.g. "stages=[init,ild,select,kd,export]"
 #   PART=main    the main row at the given budget (ILD / KD steps), resumable across calls; CHATS_FILE: teacher chat
 #                answers made earlier (bench/fidelity_data.generate_teacher_chats, e.g. on a CPU) instead of here
 #   PART=all     main (ILD / KD steps) and the ablation rows (ILD / ABLATION_KD steps): each row starts beside
@@ -69,14 +70,14 @@ smoke)
   ;;
 main)  # a finished main row is not retrained; an interrupted one resumes
   fidelity --rows main --ild-steps "${ILD:-300}" --kd-steps "${KD:-3000}" --deadline-s "${DEADLINE:-540}" \
-    --max-train-mb "${TRAIN_MB:-100}" --chats "${CHATS:-1500}" ${CHATS_FILE:+--chats-file "$CHATS_FILE"}
+    --max-train-mb "${TRAIN_MB:-100}" --chats "${CHATS:-1500}" ${CHATS_FILE:+--chats-file "$CHATS_FILE"} ${OVERRIDES:-}
   ;;
 all)
   # rows in the order they start; with ABLATION_KD < KD add `baseline` first (the preset at the ablation budget)
   fidelity --rows "main,${ROWS:-no_ild,random_mixers,uniform,reverse_kl,teacher_cache,jsd,mla4,mla12,kd_lr1e3,rank64,rank256,mla_gdn,smart_3kinds,rope_per_kv_head}" \
     --parallel "${PARALLEL:-2}" --ild-steps "${ILD:-100}" --kd-steps "${KD:-300}" --ablation-kd-steps "${ABLATION_KD:-300}" \
     --deadline-s "${DEADLINE:-500}" --max-train-mb "${TRAIN_MB:-100}" --chats "${CHATS:-1500}" \
-    ${CHATS_FILE:+--chats-file "$CHATS_FILE"}
+    ${CHATS_FILE:+--chats-file "$CHATS_FILE"} ${OVERRIDES:-}
   ;;
 esac
 save_kernel_cache
