@@ -6,6 +6,7 @@
 #   OVERRIDES    extra Hydra overrides for every row (space-separated), e.g. "stages=[init,ild,select,kd,export]"
 #   PART=main    the main row at the given budget (ILD / KD steps), resumable across calls; CHATS_FILE: teacher chat
 #                answers made earlier (bench/fidelity_data.generate_teacher_chats, e.g. on a CPU) instead of here
+#   PART=rows    ROWS without main (only rows that reuse none of main's stages: mla_gdn, smart_3kinds)
 #   PART=all     main (ILD / KD steps) and the ablation rows (ILD / ABLATION_KD steps): each row starts beside
 #                main's KD as soon as the main stages it reuses are finished; resumable across calls. PARALLEL 2
 #                overlaps one row's start (compile, autotune: GPU idle) with another's training; KD itself fills the
@@ -71,6 +72,11 @@ smoke)
 main)  # a finished main row is not retrained; an interrupted one resumes
   fidelity --rows main --ild-steps "${ILD:-300}" --kd-steps "${KD:-3000}" --deadline-s "${DEADLINE:-540}" \
     --max-train-mb "${TRAIN_MB:-100}" --chats "${CHATS:-1500}" ${CHATS_FILE:+--chats-file "$CHATS_FILE"} ${OVERRIDES:-}
+  ;;
+rows)  # rows that reuse none of main's stages (e.g. the GDN rows), without main
+  fidelity --rows "${ROWS:?ROWS=row,row}" --parallel "${PARALLEL:-2}" --ild-steps "${ILD:-100}" \
+    --kd-steps "${KD:-300}" --deadline-s "${DEADLINE:-500}" --max-train-mb "${TRAIN_MB:-100}" --chats "${CHATS:-1500}" \
+    ${CHATS_FILE:+--chats-file "$CHATS_FILE"} ${OVERRIDES:-}
   ;;
 all)
   # rows in the order they start; with ABLATION_KD < KD add `baseline` first (the preset at the ablation budget)
