@@ -3,7 +3,6 @@
 # /root/smollm2 and .device/install.sh ran. Logs and results go to $OUT (the device tool returns them).
 #   PART=checks  GPU tests at the real shapes, the compile crash reproduced without its fix, a ZeRO-2 + compile +
 #                fused-KD pipeline smoke on the real teacher (TEACHER: default the GGUF)
-#   OVERRIDES    extra Hydra overrides for every row (space-separated), e.g. "stages=[init,ild,select,kd,export]"
 #   PART=main    the main row at the given budget (ILD / KD steps), resumable across calls; CHATS_FILE: teacher chat
 #                answers made earlier (bench/fidelity_data.generate_teacher_chats, e.g. on a CPU) instead of here
 #   PART=rows    ROWS without main (only rows that reuse none of main's stages: mla_gdn, smart_3kinds)
@@ -11,6 +10,7 @@
 #                main's KD as soon as the main stages it reuses are finished; resumable across calls. PARALLEL 2
 #                overlaps one row's start (compile, autotune: GPU idle) with another's training; KD itself fills the
 #                GPU (two rows at once each ran at half the tokens/s on an H100), and two rows used 75 of its 80 GB
+#   OVERRIDES    extra Hydra overrides for every row (space-separated), e.g. "stages=[init,ild,select,kd,export]"
 set -uo pipefail
 OUT="${OUT:-/tmp/out}"; mkdir -p "$OUT"
 GGUF=/root/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
