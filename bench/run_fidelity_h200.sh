@@ -18,6 +18,7 @@ WORK=/root/fidelity
 export PYTHONUNBUFFERED=1 TRITON_CACHE_AUTOTUNING=1  # parallel rows and later stages reuse autotune results
 export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True  # two rows share the GPU: less fragmentation
 stamp() { date -u +%H:%M:%S; }
+read -ra EXTRA <<< "${OVERRIDES:-}"  # extra Hydra overrides, space-separated
 # Compilation outlives the machine: Triton's autotune choices (a few KB of json) and inductor's cache (compiled
 # graphs and their kernels), or a fresh machine spends minutes compiling and benchmarking every config of every
 # kernel before a row's first step. KERNEL_CACHE: the kernel_cache.tgz an earlier call brought back from $OUT.
@@ -25,11 +26,12 @@ if [ -n "${KERNEL_CACHE:-}" ] && [ -f "$KERNEL_CACHE" ]; then
   tar xzf "$KERNEL_CACHE" -C / && echo "$(stamp) compile caches restored from $KERNEL_CACHE"
 fi
 save_kernel_cache() {  # one file back (at most 16 MiB): inductor's cache only when it fits beside the choices
-  local inductor="tmp/torchinductor_$(id -un)" tunes
-  tunes=$(cd / && find "${TRITON_CACHE_DIR:-$HOME/.triton/cache}" -name '*.autotune.json' 2>/dev/null | sed 's|^/||')
-  (cd / && tar czf "$OUT/kernel_cache.tgz" $tunes "$inductor" 2>/dev/null)
+  local inductor
+  inductor="tmp/torchinductor_$(id -un)"
+  tunes() { (cd / && find "${TRITON_CACHE_DIR:-$HOME/.triton/cache}" -name '*.autotune.json' | sed 's|^/||'); }
+  (cd / && { tunes; [ -d "/$inductor" ] && echo "$inductor"; } | tar czf "$OUT/kernel_cache.tgz" -T - 2>/dev/null)
   if [ "$(stat -c %s "$OUT/kernel_cache.tgz" 2>/dev/null || echo 0)" -gt 15000000 ]; then
-    (cd / && tar czf "$OUT/kernel_cache.tgz" $tunes 2>/dev/null)
+    (cd / && tunes | tar czf "$OUT/kernel_cache.tgz" -T - 2>/dev/null)
   fi
 }
 fidelity() {  # bench.fidelity with its results and doc copied back
@@ -71,19 +73,19 @@ smoke)
   ;;
 main)  # a finished main row is not retrained; an interrupted one resumes
   fidelity --rows main --ild-steps "${ILD:-300}" --kd-steps "${KD:-3000}" --deadline-s "${DEADLINE:-540}" \
-    --max-train-mb "${TRAIN_MB:-100}" --chats "${CHATS:-1500}" ${CHATS_FILE:+--chats-file "$CHATS_FILE"} ${OVERRIDES:-}
+    --max-train-mb "${TRAIN_MB:-100}" --chats "${CHATS:-1500}" ${CHATS_FILE:+--chats-file "$CHATS_FILE"} "${EXTRA[@]}"
   ;;
 rows)  # rows that reuse none of main's stages (e.g. the GDN rows), without main
   fidelity --rows "${ROWS:?ROWS=row,row}" --parallel "${PARALLEL:-2}" --ild-steps "${ILD:-100}" \
     --kd-steps "${KD:-300}" --deadline-s "${DEADLINE:-500}" --max-train-mb "${TRAIN_MB:-100}" --chats "${CHATS:-1500}" \
-    ${CHATS_FILE:+--chats-file "$CHATS_FILE"} ${OVERRIDES:-}
+    ${CHATS_FILE:+--chats-file "$CHATS_FILE"} "${EXTRA[@]}"
   ;;
 all)
   # rows in the order they start; with ABLATION_KD < KD add `baseline` first (the preset at the ablation budget)
   fidelity --rows "main,${ROWS:-no_ild,random_mixers,uniform,reverse_kl,teacher_cache,jsd,mla4,mla12,kd_lr1e3,rank64,rank256,mla_gdn,smart_3kinds,rope_per_kv_head}" \
     --parallel "${PARALLEL:-2}" --ild-steps "${ILD:-100}" --kd-steps "${KD:-300}" --ablation-kd-steps "${ABLATION_KD:-300}" \
     --deadline-s "${DEADLINE:-500}" --max-train-mb "${TRAIN_MB:-100}" --chats "${CHATS:-1500}" \
-    ${CHATS_FILE:+--chats-file "$CHATS_FILE"} ${OVERRIDES:-}
+    ${CHATS_FILE:+--chats-file "$CHATS_FILE"} "${EXTRA[@]}"
   ;;
 esac
 save_kernel_cache
