@@ -1,7 +1,7 @@
 """Mistakes a user makes on the command line, in the teacher or in the data, through the real `python -m train`:
-each ends within seconds with exit code 2 and one line on stderr naming the key (or file), the bad value and what
-is allowed; no traceback unless HYDRA_FULL_ERROR=1. Cases run two at a time, each in its own process forked after
-the imports (startup would be nearly all of their time: tests/faults/forked_cli.py)."""
+each ends before any stage starts, with exit code 2 and one line on stderr naming the key (or file), the bad value
+and what is allowed; no traceback unless HYDRA_FULL_ERROR=1. Cases run two at a time, each in its own process forked
+after the imports (startup would be nearly all of their time: tests/faults/forked_cli.py)."""
 
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ def _run_all(forked_cli, cases: dict[str, tuple[list[str], list[str]]], out: Pat
     )
 
 
-def _check(results: dict, cases: dict, max_seconds: float | None = None) -> None:
+def _check(results: dict, cases: dict) -> None:
     for name, result in results.items():
         lines = [line for line in result.stderr.splitlines() if line.strip()]
         assert result.returncode == 2, (name, result.returncode, result.stderr[-2000:])
