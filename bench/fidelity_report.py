@@ -280,7 +280,7 @@ def render(result_files: list[Path], doc: Path) -> None:
             curve = plot_curve(main, path.with_name(path.stem + "_curve.png"))
             if curve:
                 lines += [f"![held-out loss against tokens](../bench/results/{curve.name})", ""]
-        if len(rows) > 1:
+        if set(rows) - {"main"}:  # also rows recorded without main (PART=rows: the GDN rows)
             title = "### Ablations (equal training tokens; `main` trains longer where its tokens say so)"
             lines += [title, "", *ablation_table(rows), ""]
             kv = plot_kv_quality(rows, path.with_name(path.stem + "_kv_quality.png"))

@@ -83,6 +83,17 @@ def test_render_an_unevaluated_main_row_shows_its_eval_stage_and_last_validation
     assert "| teacher_cache | c |" in text and "KD-val CE 2.0700 at KD step 300" in text
 
 
+def test_render_rows_recorded_without_main(tmp_path):
+    # PART=rows: the GDN rows reuse none of main's stages and may be the only rows of a card's results file
+    results = tmp_path / "fidelity_smollm2_h100.json"
+    rows = {"mla_gdn": _entry(1.9)}  # the only row of its file
+    results.write_text(json.dumps({"card": "NVIDIA H100", "date": "2026-12-08T00:00:00", "results": rows}))
+    doc = tmp_path / "fidelity.md"
+    render([results], doc)
+    text = doc.read_text()
+    assert "| mla_gdn | x |" in text and "| 1.9000 |" in text
+
+
 def test_a_row_counts_the_tokens_of_the_main_stages_it_reuses(tmp_path):
     rows = tmp_path / "rows"
     for name, report in (("main", {"ild": {"tokens_seen": 300}, "kd": {"tokens_seen": 900}}),
