@@ -72,7 +72,7 @@ smoke)
   echo "smoke exit $?"; grep -E "eval on|Error|error|final student|^teacher " "$OUT/smoke.log" | tail -8
   ;;
 main)  # a finished main row is not retrained; an interrupted one resumes
-  fidelity --rows main --ild-steps "${ILD:-300}" --kd-steps "${KD:-3000}" --deadline-s "${DEADLINE:-540}" \
+  fidelity --rows main --ild-steps "${ILD:-300}" --kd-steps "${KD:-1600}" --deadline-s "${DEADLINE:-540}" \
     --max-train-mb "${TRAIN_MB:-100}" --chats "${CHATS:-1500}" ${CHATS_FILE:+--chats-file "$CHATS_FILE"} "${EXTRA[@]}"
   ;;
 rows)  # rows that reuse none of main's stages (e.g. the GDN rows), without main
