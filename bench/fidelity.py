@@ -383,7 +383,8 @@ def heldout_loader(tokenizer, heldout: Path, seq_len: int, rows: int, batch: int
 
 
 def evaluate_row(row_dir: Path, teacher_dir: str, files: dict[str, Path], args) -> dict:
-    """Held-out packages: teacher, initialized and final student; greedy code completions and chat answers."""
+    """Held-out packages: teacher, initialized and final student; greedy code completions and chat answers. The
+    teacher's own numbers and answers are the same for every row: computed by the first row, read by the others."""
     from transformers import AutoTokenizer
 
     from models import HybridForCausalLM, student_cache_bytes, teacher_cache_bytes
@@ -395,18 +396,19 @@ def evaluate_row(row_dir: Path, teacher_dir: str, files: dict[str, Path], args) 
     placement = Placement(torch.device("cuda" if cuda else "cpu"), torch.bfloat16 if cuda else None)
     teacher, spec = load_teacher(teacher_dir, dtype=placement.autocast or torch.float32, device=placement.device)
     tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
-    loader = heldout_loader(
-        tokenizer, files["heldout"], args.seq_len, args.eval_rows, 16, row_dir.parent.parent / "data" / "cache"
-    )
+    data = row_dir.parent.parent / "data"
+    loader = heldout_loader(tokenizer, files["heldout"], args.seq_len, args.eval_rows, 16, data / "cache")
+    prompts = sample_prompts(tokenizer, files["heldout"], args.samples)
     initialized = initialized_student_dir(row_dir)
     final = row_dir / "student"
     start = time.perf_counter()
     result: dict[str, Any] = {}
     with placement.context():
-        result["teacher"] = heldout_loss(teacher, loader)
-        result["teacher"]["kv_bytes_per_token"] = teacher_cache_bytes(
-            spec.num_layers, spec.num_kv_heads, spec.head_dim
-        ).per_token
+        reference = _teacher_reference(teacher, tokenizer, loader, prompts, placement, data, args)
+        result["teacher"] = {
+            **reference["heldout"],
+            "kv_bytes_per_token": teacher_cache_bytes(spec.num_layers, spec.num_kv_heads, spec.head_dim).per_token,
+        }
         students = {}
         for name, path in (("initialized", initialized), ("final", final)):
             if not (path / "config.json").exists():
@@ -419,17 +421,45 @@ def evaluate_row(row_dir: Path, teacher_dir: str, files: dict[str, Path], args) 
             result[name] = row
             students[name] = student
         result["eval_seconds"] = round(time.perf_counter() - start, 1)
-        for name, model in (("teacher", teacher), ("final", students.get("final"))):
-            if model is not None and cuda:  # a CPU's decode speed is nobody's question
-                result[name]["decode_tokens_per_s"] = decode_tokens_per_s(model, tokenizer, placement.device)
+        if "decode_tokens_per_s" in reference:
+            result["teacher"]["decode_tokens_per_s"] = reference["decode_tokens_per_s"]
         if "final" in students:
-            result["samples"] = side_by_side_samples(teacher, students["final"], tokenizer, files["heldout"], args)
+            if cuda:  # a CPU's decode speed is nobody's question
+                result["final"]["decode_tokens_per_s"] = decode_tokens_per_s(students["final"], tokenizer)
+            answers = greedy_answers(students["final"], tokenizer, prompts)
+            result["samples"] = {
+                kind: [
+                    {"prompt": prompt, "teacher": theirs, "student": ours}
+                    for (prompt, _, _), theirs, ours in zip(
+                        prompts[kind], reference["answers"][kind], answers[kind], strict=True
+                    )
+                ]
+                for kind in prompts
+            }
     return result
 
 
-def decode_tokens_per_s(model, tokenizer, device: torch.device, batch: int = 16, prompt: int = 128, new: int = 128):
+def _teacher_reference(teacher, tokenizer, loader, prompts, placement, data: Path, args) -> dict:
+    """The teacher's held-out loss, decode tokens/s and greedy answers, cached under `data` per evaluation setting
+    (every row of one --out shares the teacher and the held-out packages); written atomically."""
+    from train.stages.eval import heldout_loss
+
+    path = data / f"teacher_eval_{placement.device.type}_seq{args.seq_len}_rows{args.eval_rows}_n{args.samples}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    reference = {"heldout": heldout_loss(teacher, loader), "answers": greedy_answers(teacher, tokenizer, prompts)}
+    if placement.device.type == "cuda":
+        reference["decode_tokens_per_s"] = decode_tokens_per_s(teacher, tokenizer)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # rows evaluating at once write the same content
+    tmp.write_text(json.dumps(reference, indent=2))
+    os.replace(tmp, path)
+    return reference
+
+
+def decode_tokens_per_s(model, tokenizer, batch: int = 16, prompt: int = 128, new: int = 128) -> float:
     """Greedy `generate` tokens/s at a batch of `batch` prompts of `prompt` tokens, `new` tokens each (its own
     cache: the teacher's DynamicCache, the student's HybridCache), after one warmup call; forced to full length."""
+    device = next(model.parameters()).device
     ids = torch.randint(100, len(tokenizer), (batch, prompt), generator=torch.Generator().manual_seed(0)).to(device)
     kwargs = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=tokenizer.eos_token_id)
     model.generate(ids, attention_mask=torch.ones_like(ids), **{**kwargs, "max_new_tokens": 8, "min_new_tokens": 8})
@@ -442,37 +472,42 @@ def decode_tokens_per_s(model, tokenizer, device: torch.device, batch: int = 16,
     return round(batch * new / (time.perf_counter() - start), 1)
 
 
-def side_by_side_samples(teacher, student, tokenizer, heldout: Path, args) -> dict[str, list[dict]]:
-    """Greedy code completions of held-out files' openings, and chat answers to prompts never trained on."""
+def sample_prompts(tokenizer, heldout: Path, samples: int) -> dict[str, list[tuple[str, torch.Tensor, int]]]:
+    """(prompt, input ids, new tokens) for the side-by-side samples: the openings of held-out files (code
+    completion) and chat prompts never trained on, rendered with the teacher's chat template."""
     import gzip
 
     from bench.fidelity_data import CHAT_PROMPTS
 
-    def greedy(model, ids: torch.Tensor, new: int) -> str:
-        out = model.generate(
-            ids.to(next(model.parameters()).device),
-            attention_mask=torch.ones_like(ids).to(next(model.parameters()).device),
-            max_new_tokens=new,
-            do_sample=False,
-            pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
-        )
-        return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
-
-    code = []
     with gzip.open(heldout, "rt") as handle:
         docs = [json.loads(line)["text"] for line, _ in zip(handle, range(400), strict=False)]
     openings = [d for d in docs if d.lstrip().startswith(("def ", "class ", '"""', "import ", "from "))]
-    for doc in openings[:: max(1, len(openings) // args.samples)][: args.samples]:
+    code = []
+    for doc in openings[:: max(1, len(openings) // samples)][:samples]:
         prompt = "\n".join(doc.splitlines()[:12]) + "\n"
-        ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
-        code.append({"prompt": prompt, "teacher": greedy(teacher, ids, 64), "student": greedy(student, ids, 64)})
+        code.append((prompt, tokenizer(prompt, return_tensors="pt")["input_ids"], 64))
     chat = []
-    for prompt in CHAT_PROMPTS[: args.samples]:
+    for prompt in CHAT_PROMPTS[:samples]:
         ids = tokenizer.apply_chat_template(
             [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
         )["input_ids"]
-        chat.append({"prompt": prompt, "teacher": greedy(teacher, ids, 96), "student": greedy(student, ids, 96)})
+        chat.append((prompt, ids, 96))
     return {"code": code, "chat": chat}
+
+
+def greedy_answers(model, tokenizer, prompts: dict[str, list[tuple[str, torch.Tensor, int]]]) -> dict[str, list[str]]:
+    """The model's greedy continuation of every prompt of `sample_prompts` (one at a time: no padding)."""
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    def greedy(ids: torch.Tensor, new: int) -> str:
+        ids = ids.to(device)
+        out = model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, do_sample=False, pad_token_id=pad
+        )
+        return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+
+    return {kind: [greedy(ids, new) for _, ids, new in items] for kind, items in prompts.items()}
 
 
 def row_summary(row_dir: Path) -> dict:

@@ -28,7 +28,7 @@ def shrunk(tmp_path, gguf, *extra):
         # 400 documents of the embedded corpus (synthetic English), tokenized with SmolLM2's tokenizer: ~28K
         # tokens, enough for every phase; the whole corpus would cost ~5 s per data setup (four per run)
         f"data.sources=[{{name_or_path:{tiny_corpus_path()},max_samples:400}}]",
-        f"output_dir={tmp_path / 'run'}",
+        f"output_dir={tmp_path / 'rows' / 'main'}",  # bench.fidelity's layout: <out>/rows/<row>, data in <out>/data
         f"teacher.name_or_path={gguf}",
         "teacher.dtype=float32",
         "stages=[init,ild,kd,eval,export]",
@@ -73,7 +73,7 @@ def test_ild_and_kd_lower_their_losses_on_the_gguf_teacher_and_the_bench_evaluat
     for stage in ("ild", "kd"):
         # measured: ILD 5904 -> 4543 (sum over 30 layers of output + mixer L2), KD 7.73 -> 4.37; 8 steps each reached
         # 3760 and 3.16, at ~1 s per ILD and ~2.5 s per KD step more
-        losses = _train_losses(tmp_path / "run" / stage)
+        losses = _train_losses(tmp_path / "rows" / "main" / stage)
         print(f"{stage} train/loss by step: {', '.join(f'{v:.3f}' for v in losses)}")
         assert len(losses) == 4 and all(math.isfinite(v) for v in losses)
         assert losses[-1] < losses[0]
@@ -90,7 +90,7 @@ def test_ild_and_kd_lower_their_losses_on_the_gguf_teacher_and_the_bench_evaluat
         for doc in HELDOUT_DOCS:
             handle.write(json.dumps({"text": doc}) + "\n")
     args = argparse.Namespace(seq_len=64, eval_rows=2, samples=1)
-    result = evaluate_row(tmp_path / "run", str(smollm2_dir), {"heldout": heldout}, args)
+    result = evaluate_row(tmp_path / "rows" / "main", str(smollm2_dir), {"heldout": heldout}, args)
     names = ("teacher", "initialized", "final")
     print("bench held-out loss: " + ", ".join(f"{k} {result[k]['loss']:.3f}" for k in names))
     assert result["teacher"]["loss"] < result["final"]["loss"] < result["initialized"]["loss"]
@@ -99,7 +99,10 @@ def test_ild_and_kd_lower_their_losses_on_the_gguf_teacher_and_the_bench_evaluat
     samples = result["samples"]
     assert [len(samples["code"]), len(samples["chat"])] == [1, 1]
     assert samples["code"][0]["prompt"].startswith("import ") and samples["chat"][0]["teacher"].strip()
-    shutil.rmtree(tmp_path / "run")  # ~4 GB of checkpoints and students; pytest keeps the last three sessions' tmp
+    assert json.loads(next((tmp_path / "data").glob("teacher_eval_*.json")).read_text())["answers"]["chat"]
+    again = evaluate_row(tmp_path / "rows" / "main", str(smollm2_dir), {"heldout": heldout}, args)  # teacher: cached
+    assert again["teacher"]["loss"] == result["teacher"]["loss"] and again["samples"] == result["samples"]
+    shutil.rmtree(tmp_path / "rows")  # ~4 GB of checkpoints and students; pytest keeps the last three sessions' tmp
 
 
 # Held-out "packages" for the benchmark's evaluation: short Python files written for this test.
