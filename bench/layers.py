@@ -48,6 +48,13 @@ def cuda_time(fn, warmup: int = 3, repeat: int = 10) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def use_triton_kernels(layer: torch.nn.Module, enabled: bool) -> None:
+    """Switch a layer's mixers between their Triton kernels and the pure-torch reference."""
+    for module in layer.modules():
+        if hasattr(module, "use_triton"):
+            module.use_triton = enabled
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--name", default="layers_zebra_1b")
@@ -90,9 +97,7 @@ def main() -> None:
             # Triton (mamba-ssm, fla) and the pure-torch reference; on Hopper with Triton < 3.7.1 GDN's backward
             # is the reference either way (models/gated_delta.py), its forward alone still fla's
             for use_triton in (True, False) if kind in ("mamba", "gdn") and device == "cuda" else (True,):
-                for m in layer.modules():
-                    if hasattr(m, "use_triton"):
-                        m.use_triton = use_triton
+                use_triton_kernels(layer, use_triton)
                 key = f"{label}{doc_label}_fwd_bwd" + ("" if use_triton else "_torch_ref")
                 if device == "cuda":
                     torch.cuda.reset_peak_memory_stats()
@@ -103,9 +108,7 @@ def main() -> None:
                     results["timings_ms"][key.replace("fwd_bwd", "fwd")] = cuda_time(
                         lambda layer=layer, pos=pos: layer_step(layer, pos, backward=False)
                     )
-        for m in layer.modules():
-            if hasattr(m, "use_triton"):
-                m.use_triton = True
+        use_triton_kernels(layer, True)
     # One decode step per mixer kind with a 4K-token cache: a one-layer model of each (embedding and head included).
     with torch.no_grad():
         for kind in KINDS:
