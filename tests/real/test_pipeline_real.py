@@ -99,9 +99,14 @@ def test_ild_and_kd_lower_their_losses_on_the_gguf_teacher_and_the_bench_evaluat
     samples = result["samples"]
     assert [len(samples["code"]), len(samples["chat"])] == [1, 1]
     assert samples["code"][0]["prompt"].startswith("import ") and samples["chat"][0]["teacher"].strip()
-    assert json.loads(next((tmp_path / "data").glob("teacher_eval_*.json")).read_text())["answers"]["chat"]
-    again = evaluate_row(tmp_path / "rows" / "main", str(smollm2_dir), {"heldout": heldout}, args)  # teacher: cached
-    assert again["teacher"]["loss"] == result["teacher"]["loss"] and again["samples"] == result["samples"]
+    # the teacher's side is written once and read by the next row's evaluation: a marked copy must come back
+    cached = next((tmp_path / "data").glob("teacher_eval_*.json"))
+    reference = json.loads(cached.read_text())
+    assert reference["answers"]["chat"] == [samples["chat"][0]["teacher"]]
+    reference["heldout"]["loss"] = 123.0
+    cached.write_text(json.dumps(reference))
+    again = evaluate_row(tmp_path / "rows" / "main", str(smollm2_dir), {"heldout": heldout}, args)
+    assert again["teacher"]["loss"] == 123.0 and again["samples"] == result["samples"]
     shutil.rmtree(tmp_path / "rows")  # ~4 GB of checkpoints and students; pytest keeps the last three sessions' tmp
 
 
