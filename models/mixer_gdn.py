@@ -50,6 +50,7 @@ from .gated_delta import (
 )
 from .mixer_kind import CacheBytes, CacheRequest, InitOptions, MixerKind, config_from_dict
 from .norm import GatedRMSNorm
+from .output_fit import OutputNormFit
 
 if TYPE_CHECKING:
     from .config import HybridConfig
@@ -377,6 +378,10 @@ def _plan_init(
     return {}  # each layer maps on its own
 
 
+def _calibration(module: GatedDeltaNet) -> OutputNormFit:
+    return OutputNormFit(module, module.o_norm, module.o_proj, _call)
+
+
 def _init_from_attention(
     module: GatedDeltaNet, w: AttentionWeights, config: HybridConfig, planned: Any, options: InitOptions
 ) -> dict[str, Any]:
@@ -399,6 +404,7 @@ GDN_KIND = MixerKind(
     plan_init=_plan_init,
     init_from_attention=_init_from_attention,
     reproduces_attention=False,
+    calibration=_calibration,  # the output norm's weight: the output scale per channel
     constant_state=True,
     # Not in the default candidate set (runs stay as they were): `select.fill_kinds=[mamba,gdn]` makes ILD align it
     # and SMART compare it per layer; users place it by hand with student.layers ({3: gdn}).

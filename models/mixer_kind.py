@@ -54,6 +54,26 @@ class CacheSlot(Protocol):
         """Keep batch rows `index` (beam search)."""
 
 
+class Calibration(Protocol):
+    """Fits, on real text, what a kind's initialization from attention cannot set from the weights alone
+    (models/init/calibrate.py feeds it every calibration batch, then applies it once)."""
+
+    def add(
+        self,
+        hidden: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        docs: Documents,
+        target: torch.Tensor,
+        mask: torch.Tensor,
+    ) -> None:
+        """One batch: the mixer's normed input (B, T, D), as `MixerKind.call` takes it, the teacher attention's
+        output on it (B, T, D) and the real (not padding) tokens (B, T)."""
+
+    def apply(self) -> dict[str, float]:
+        """Write the fitted weights into the module; report entries (e.g. the relative error before and after)."""
+
+
 @dataclass(frozen=True)
 class InitOptions:
     """Initialization choices from `student.*` that are not model settings; each kind reads the ones it has."""
@@ -95,6 +115,9 @@ class MixerKind:
     # -> report entries (relative errors of the maps it reproduces, ranks, ...).
     init_from_attention: Callable[[nn.Module, AttentionWeights, HybridConfig, Any, InitOptions], dict[str, Any]]
     reproduces_attention: bool  # initialized as the teacher's attention itself: init reports its output error
+    # After init_from_attention, a fit on the teacher's attention outputs over real text (module -> Calibration);
+    # None: nothing of the kind is left to fit.
+    calibration: Callable[[nn.Module], Calibration] | None
     constant_state: bool  # its cache does not grow with the context (HybridCache.is_linear)
     # In the default candidate set (models/mixers.py candidate_kinds(None)): ILD aligns an all-<name> student and
     # SMART compares it; `select.fill_kinds` names the set of a run.

@@ -17,8 +17,13 @@ through unchanged) so that, at init, the features are the teacher's q/k/v throug
 
 Defaults for what attention has no counterpart for (the model's random init, mamba-ssm's choices):
 A_log = log U(1, 16) (per-head decay rates), dt from dt_bias = softplus^-1(U_log(0.001, 0.1)) with small
-random dt rows in in_proj, D = 1 (skip connection), the gate rows z random N(0, 0.02), norm weight 1.
-RoPE has no counterpart (Mamba2 is position-free) and Qwen3's q/k norms are not carried over.
+random dt rows in in_proj, D = 1 (skip connection), norm weight 1. The gate: `gate_init="constant"` zeroes its
+rows and puts a constant in in_proj's bias, so silu(z) is the same for every channel and token and the gated
+norm passes the linear-attention output through unscaled; "random" keeps MambaInLlama's random rows, which
+multiply each channel by an unrelated factor (on SmolLM2 that init is worse than no mixer at all, docs/fidelity.md).
+What weights alone cannot set, the output scale per channel, `OutputNormFit` fits to the teacher's attention
+outputs on real text (models/init/calibrate.py). RoPE has no counterpart (Mamba2 is position-free) and Qwen3's
+q/k norms are not carried over.
 
 The Mamba2 mixer kind, top to bottom: settings (MambaConfig, MambaDims), cache slot, module, initialization
 from attention, settings from a teacher, and the registry entry MAMBA2_KIND (models/mixer_kind.py).
@@ -41,6 +46,7 @@ from .documents import Documents
 from .kernels import triton_chunk_scan, triton_state_update
 from .mixer_kind import CacheBytes, CacheRequest, InitOptions, MixerKind, config_from_dict
 from .norm import GatedRMSNorm
+from .output_fit import OutputNormFit
 from .ssd import selective_state_update_ref, ssd_chunk_scan_ref
 
 if TYPE_CHECKING:
@@ -51,6 +57,8 @@ NAME = "mamba"  # HybridConfig.mixer_types entry and settings key (config.json "
 
 
 LAYOUTS = ("gqa", "standard")  # mamba.layout: Zebra-Llama's (x, B per teacher KV head) or mamba-ssm's
+GATE_INITS = ("constant", "random")  # mamba.gate_init, see the module docstring
+GATE_BIAS = 1.0  # gate_init="constant": z = 1 everywhere; silu(1) = 0.73, and the norm divides the constant out
 
 
 @dataclass
@@ -75,6 +83,7 @@ class MambaConfig:
     dt_init_floor: float = 1e-4
     dt_limit: tuple[float, float] = (0.0, float("inf"))
     A_init_range: tuple[float, float] = (1.0, 16.0)
+    gate_init: str = "constant"  # initialization from attention: "constant" (needs in_proj_bias) | "random"
     use_triton: bool = True  # mamba-ssm Triton kernels on CUDA tensors when importable
 
     def __post_init__(self) -> None:
@@ -95,6 +104,8 @@ class MambaConfig:
                 raise bad(key, getattr(self, key), "must be >= 1")
         if self.layout not in LAYOUTS:
             raise bad("layout", self.layout, "one of " + ", ".join(map(repr, LAYOUTS)))
+        if self.gate_init not in GATE_INITS:
+            raise bad("gate_init", self.gate_init, "one of " + ", ".join(map(repr, GATE_INITS)))
         groups = num_kv_heads if self.layout == "gqa" else self.ngroups
         if nheads % groups:
             raise bad(
@@ -275,10 +286,17 @@ CONV_INITS = ("identity", "random")
 
 
 @torch.no_grad()
-def init_mamba_from_attention(mamba: Mamba2, w: AttentionWeights, conv_init: str = "identity") -> dict[str, float]:
+def init_mamba_from_attention(
+    mamba: Mamba2, w: AttentionWeights, conv_init: str = "identity", gate_init: str = "constant"
+) -> dict[str, float]:
     if conv_init not in CONV_INITS:
         raise ValueError(f"student.mamba.conv_init={conv_init!r} is invalid: one of {list(CONV_INITS)}")
     d = mamba.dims
+    if gate_init == "constant":
+        if mamba.in_proj.bias is None:
+            raise ValueError("student.mamba.gate_init='constant' needs student.mamba.in_proj_bias=true")
+        mamba.in_proj.weight[: d.d_inner] = 0.0
+        mamba.in_proj.bias[: d.d_inner] = GATE_BIAS
     x_rows, b_rows, c_rows = d.x_heads * d.headdim, d.b_groups * d.d_state, d.c_groups * d.d_state
     start = d.d_inner  # in_proj rows: [z, x, B, C, dt]
     blocks = {"x": (w.v, w.v_bias, x_rows), "B": (w.k, w.k_bias, b_rows), "C": (w.q, w.q_bias, c_rows)}
@@ -304,6 +322,11 @@ def init_mamba_from_attention(mamba: Mamba2, w: AttentionWeights, conv_init: str
 def check_mamba_fits(spec: TeacherSpec, mamba: MambaConfig) -> None:
     """The attention -> Mamba2 mapping needs the GQA layout with the teacher's head sizes."""
     mamba.validate(spec.num_heads, spec.num_kv_heads)
+    if mamba.gate_init == "constant" and not mamba.in_proj_bias:
+        raise ValueError(
+            "student.mamba.in_proj_bias=False does not fit student.mamba.gate_init='constant' (the gate's constant "
+            "is in_proj's bias): set in_proj_bias=true (or null), or gate_init='random'"
+        )
     expected = {"layout": "gqa", "headdim": spec.head_dim, "d_state": spec.head_dim}
     for key, value in expected.items():
         if getattr(mamba, key) != value:
@@ -322,7 +345,8 @@ def student_settings(spec: TeacherSpec, mamba: dict, options: InitOptions) -> Ma
     mamba = dict(mamba)
     mamba.setdefault("headdim", spec.head_dim)  # the mapping from attention needs the teacher's head size
     mamba.setdefault("d_state", spec.head_dim)
-    mamba.setdefault("in_proj_bias", spec.qkv_bias)
+    # The constant gate lives in in_proj's bias (x/B/C take the teacher's q/k/v biases, or zeros).
+    mamba.setdefault("in_proj_bias", spec.qkv_bias or mamba.get("gate_init", MambaConfig.gate_init) == "constant")
     mamba.setdefault("out_proj_bias", spec.o_bias)
     return config_from_dict(MambaConfig, mamba)
 
@@ -388,10 +412,14 @@ def _plan_init(
     return {}  # each layer maps on its own
 
 
+def _calibration(module: Mamba2) -> OutputNormFit:
+    return OutputNormFit(module, module.norm, module.out_proj, _call)
+
+
 def _init_from_attention(
     module: Mamba2, w: AttentionWeights, config: HybridConfig, planned: Any, options: InitOptions
 ) -> dict[str, Any]:
-    return init_mamba_from_attention(module, w, options.conv_init)
+    return init_mamba_from_attention(module, w, options.conv_init, config.mixer_settings(NAME).gate_init)
 
 
 MAMBA2_KIND = MixerKind(
@@ -410,5 +438,6 @@ MAMBA2_KIND = MixerKind(
     plan_init=_plan_init,
     init_from_attention=_init_from_attention,
     reproduces_attention=False,
+    calibration=_calibration,  # the gated norm's weight: the output scale per channel
     constant_state=True,
 )

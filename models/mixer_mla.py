@@ -626,5 +626,6 @@ MLA_KIND = MixerKind(
     plan_init=plan_init,
     init_from_attention=_init_from_attention,
     reproduces_attention=True,
+    calibration=None,  # reproduces the attention: nothing left to fit
     constant_state=False,
 )

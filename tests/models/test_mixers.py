@@ -30,7 +30,7 @@ from models.teachers import describe_teacher
 from .tiny import tiny_config
 
 REPO = Path(__file__).resolve().parents[2]
-OPTIONAL_FIELDS = {"init_weights"}  # None: nothing beyond the generic Linear / Conv1d / norm init
+OPTIONAL_FIELDS = {"init_weights", "calibration"}  # None: nothing beyond the generic init / nothing to fit
 CALLABLE_FIELDS = {
     "validate",
     "call",

@@ -202,6 +202,12 @@ def test_hub_teachers_are_not_fetched(monkeypatch):
         (["teacher.tiny.num_kv_heads=3"], ["teacher.tiny.num_kv_heads=3"]),
         (["data.seq_len=1"], ["data.seq_len=1", ">= 2"]),
         (["trainer.precision=bf17"], ["trainer.precision='bf17'", "bf16-mixed"]),
+        (["student.calibration_rows=-1"], ["student.calibration_rows=-1", ">= 0"]),
+        (["student.mamba.gate_init=zero"], ["student.mamba.gate_init='zero'", "constant", "random"]),
+        (
+            ["strategy=deepspeed_zero3", "teacher.shard=true", "student.calibration_rows=4"],
+            ["student.calibration_rows=4", "teacher.shard=true"],
+        ),
         (["strategy=deepspeed_zero2", "trainer.precision=bf16-mixed"], ["trainer.precision='bf16-mixed'", "32-true"]),
     ],
 )

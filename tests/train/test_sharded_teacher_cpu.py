@@ -26,7 +26,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from models.sizes import TINY_LLAMA
-from train.config import ConfigError, compose_config, validate_config
+from train.config import ConfigError, calibration_rows, compose_config, validate_config
 from train.runtime.sharded_teacher import held_bytes
 
 from .test_deepspeed_zero3_cpu import (
@@ -178,6 +178,8 @@ def test_shard_needs_zero3(strategy):
 def test_shard_with_zero3_validates():
     cfg = validate_config(compose_config(["teacher.shard=true", "strategy=deepspeed_zero3_offload_optimizer"]))
     assert cfg.teacher.shard
+    # The init stage's calibration would need the whole teacher on one device: off by default under shard.
+    assert calibration_rows(cfg) == 0 and calibration_rows(validate_config(compose_config([]))) == 8
 
 
 if __name__ == "__main__":

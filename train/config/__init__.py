@@ -23,10 +23,18 @@ from .schema import (
     TrainingSchedule,
 )
 from .teacher import is_hub_id, teacher_spec, tiny_teacher_positions
-from .validate import check_output_dir, check_stages, student_init_kwargs, typed_config, validate_config
+from .validate import (
+    calibration_rows,
+    check_output_dir,
+    check_stages,
+    student_init_kwargs,
+    typed_config,
+    validate_config,
+)
 
 __all__ = [
     "CONF_DIR",
+    "calibration_rows",
     "ConfigError",
     "DPOConfig",
     "ILDConfig",

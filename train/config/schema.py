@@ -151,6 +151,11 @@ class StudentConfig:
     # "attention": MLA by SVD of the teacher's attention, Mamba2 from its Q/K/V/O (the recipe); "random": mixers
     # from the model's own initializer, MLPs / norms / embeddings still copied (the ablation baseline)
     mixer_init: str = "attention"
+    # With mixer_init=attention: rows of the ILD stream (data.seq_len tokens each) on which the init stage fits what
+    # the teacher's weights cannot set, the output scale per channel of Mamba2 / GDN layers, to the teacher's
+    # attention outputs (models/init/calibrate.py). 0: none (Zebra-Llama's init). None: 8, or 0 with teacher.shard
+    # (calibration runs the whole teacher on one device).
+    calibration_rows: int | None = None
     # torch.compile RMSNorm, the MLP activation and Mamba2's conv for CUDA training steps (models/compile.py)
     compile: bool = False
     # Packed documents in MLA (models/documents.py): "auto" FlexAttention block masks on CUDA, the dense (B,1,T,T)

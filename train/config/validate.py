@@ -149,6 +149,18 @@ def student_init_kwargs(student: StudentConfig) -> dict[str, Any]:
     return {"mla_layers": list(layers) if isinstance(layers, (list, tuple)) else layers, **settings, **extra}
 
 
+DEFAULT_CALIBRATION_ROWS = 8
+
+
+def calibration_rows(cfg: TrainConfig) -> int:
+    """`student.calibration_rows` resolved: None is 8 rows, or 0 under teacher.shard (never the whole teacher on
+    one device)."""
+    rows = cfg.student.calibration_rows
+    if rows is None:
+        return 0 if cfg.teacher.shard else DEFAULT_CALIBRATION_ROWS
+    return rows
+
+
 def _check_student(cfg: TrainConfig, spec) -> None:
     s = cfg.student
     if s.layers is not None:
@@ -192,6 +204,15 @@ def _check_student(cfg: TrainConfig, spec) -> None:
     from models.init.transfer import MIXER_INITS
 
     choice("student.mixer_init", s.mixer_init, MIXER_INITS)
+    if s.calibration_rows is not None:
+        at_least("student.calibration_rows", s.calibration_rows, 0)
+    if s.calibration_rows and cfg.teacher.shard:
+        fail(
+            "student.calibration_rows",
+            s.calibration_rows,
+            "0 with teacher.shard=true (calibration runs the whole teacher on one device)",
+        )
+    choice("student.mamba.gate_init", s.mamba.gate_init, mixer_mamba2.GATE_INITS)
     choice("student.mamba.layout", s.mamba.layout, mixer_mamba2.LAYOUTS)
     for key in ("d_conv", "chunk_size", "ngroups", "norm_groups"):
         at_least(f"student.mamba.{key}", getattr(s.mamba, key), 1)
