@@ -83,6 +83,11 @@ ROWS: dict[str, Row] = {
         fixed_map=True,
         no_ild=True,
     ),
+    "zebra_init": Row(
+        "Zebra-Llama's Mamba2 init (random gate rows, no output calibration), main's layer map",
+        ("stages=[init,ild,kd,eval,export]", "student.mamba.gate_init=random", "student.calibration_rows=0"),
+        fixed_map=True,
+    ),
     "rope_per_kv_head": Row(
         "a RoPE key per KV head (3 x 16 dims) and kv_lora_rank 112: the same 160 values per token",
         (

@@ -18,6 +18,7 @@ ORDER = (
     "baseline",
     "no_ild",
     "random_mixers",
+    "zebra_init",
     "uniform",
     "reverse_kl",
     "jsd",
