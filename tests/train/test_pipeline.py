@@ -18,7 +18,9 @@ def small(tmp_path, teacher_cache, *extra):
     overrides = [
         f"output_dir={tmp_path}",
         f"teacher.tiny.cache_dir={teacher_cache}",
-        "teacher.tiny.train_steps=40",
+        # a teacher worth distilling (held-out loss 0.91): after 40 steps (3.11) the calibrated init already matched
+        # it within KL 0.024, and a few ILD + KD steps could only add noise
+        "teacher.tiny.train_steps=150",
         "data.seq_len=128",
         "data.micro_batch_size=4",
         "data.num_workers=0",
@@ -195,7 +197,7 @@ def test_smart_selection_over_three_kinds_exports_a_mixed_map(tmp_path, teacher_
     assert (selection["kv_bytes_per_token"], selection["state_bytes"]) == (cache.per_token, cache.constant)
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "student")
     prompt = tokenizer("The cat", return_tensors="pt")
-    out = final.generate(**prompt, max_new_tokens=8, do_sample=False)
+    out = final.generate(**prompt, max_new_tokens=8, min_new_tokens=8, do_sample=False)  # a trained one may stop
     assert out.shape[1] == prompt["input_ids"].shape[1] + 8
 
 

@@ -4,6 +4,7 @@ schema.py   the dataclasses (one per setting group; the code runs on them), stor
 compose.py  Hydra's compose API for tests and tools, and one-line composition errors
 validate.py `typed_config` (composed config -> TrainConfig) and `validate_config` (values, stage order, the student
             against the teacher's shape), before any model loads
+student.py  the student group: convert_teacher's keyword arguments, calibration rows, checks against the teacher
 teacher.py  the teacher's shape as the checks see it (tiny, GGUF metadata, config.json), and `teacher.*` checks
 errors.py   ConfigError: one line naming the key, the bad value and what is allowed
 """
@@ -22,15 +23,9 @@ from .schema import (
     TrainConfig,
     TrainingSchedule,
 )
+from .student import calibration_rows, student_init_kwargs
 from .teacher import is_hub_id, teacher_spec, tiny_teacher_positions
-from .validate import (
-    calibration_rows,
-    check_output_dir,
-    check_stages,
-    student_init_kwargs,
-    typed_config,
-    validate_config,
-)
+from .validate import check_output_dir, check_stages, typed_config, validate_config
 
 __all__ = [
     "CONF_DIR",
