@@ -74,7 +74,7 @@ class MambaConfig:
     d_conv: int = 4
     chunk_size: int = 256
     conv_bias: bool = True
-    in_proj_bias: bool = False  # set when the teacher has q/k/v biases
+    in_proj_bias: bool = False  # from a teacher: for gate_init=constant (its bias) or the teacher's q/k/v biases
     out_proj_bias: bool = False
     norm_groups: int = 1  # gated RMSNorm groups over d_inner
     norm_before_gate: bool = False  # mamba-ssm's Mamba2 default

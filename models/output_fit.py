@@ -9,7 +9,7 @@ is linear least squares with the normal equations
     [(W_o^T W_o) * (sum_t n_t n_t^T)] w = sum_t n_t * (W_o^T a_t)          (* elementwise)
 
 so only two sums over tokens are kept (d_inner^2 + d_inner numbers), whatever the number of batches. A small ridge
-(RIDGE times the mean diagonal) keeps channels the text never excites at a finite weight.
+(RIDGE times the mean diagonal) toward the weight as initialized keeps channels the text never excites there.
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ class OutputNormFit:
     def __init__(self, module: nn.Module, norm: nn.Module, out_proj: nn.Linear, call) -> None:
         """`call`: the kind's uniform forward (`MixerKind.call`), run here without a cache."""
         self.module, self.norm, self.out_proj, self.call = module, norm, out_proj, call
-        self.gram: torch.Tensor | None = None  # sum_t n_t n_t^T
-        self.rhs: torch.Tensor | None = None  # sum_t n_t * (W_o^T a_t)
+        self.gram: torch.Tensor | None = None  # sum_t n_t n_t^T, float64
+        self.rhs: torch.Tensor | None = None  # sum_t n_t * (W_o^T a_t), float64
         self.sq_err_before = 0.0  # sum_t ||out_t - a_t||^2 with the weight as initialized
         self.sq_target = 0.0  # sum_t ||a_t||^2
         self.sq_centered = 0.0  # sum_t ||a_t - b||^2, b the output bias (if any)
@@ -45,17 +45,22 @@ class OutputNormFit:
             hook.remove()
         weight = self.norm.weight.float()
         if (weight == 0).any():
-            raise ValueError("output norm weight has zeros: its features cannot be recovered for the fit")
+            raise ValueError(
+                f"{type(self.module).__name__} layer {getattr(self.module, 'layer_idx', '?')}: its output "
+                "norm weight has zeros, so its features cannot be recovered for the fit"
+            )
         real = mask.bool()
-        features = captured["x"][real].float() / weight  # n_t, (tokens, d_inner)
-        target = target[real].float()
-        self.sq_err_before += (out[real].float() - target).pow(2).sum().item()
-        self.sq_target += target.pow(2).sum().item()
-        if self.out_proj.bias is not None:  # fit what the weight must produce: a_t - b
-            target = target - self.out_proj.bias.float()
-        self.sq_centered += target.pow(2).sum().item()
-        gram = features.T @ features
-        rhs = (features * (target @ self.out_proj.weight.float())).sum(0)
+        # The sums in fp32, outside the stage's autocast (bf16 sums would shift the fit and its reported error).
+        with torch.autocast(hidden.device.type, enabled=False):
+            features = captured["x"][real].float() / weight  # n_t, (tokens, d_inner)
+            target = target[real].float()
+            self.sq_err_before += (out[real].float() - target).pow(2).sum().item()
+            self.sq_target += target.pow(2).sum().item()
+            if self.out_proj.bias is not None:  # fit what the weight must produce: a_t - b
+                target = target - self.out_proj.bias.float()
+            self.sq_centered += target.pow(2).sum().item()
+            gram = (features.T @ features).double()
+            rhs = (features * (target @ self.out_proj.weight.float())).sum(0).double()
         self.gram = gram if self.gram is None else self.gram + gram
         self.rhs = rhs if self.rhs is None else self.rhs + rhs
 
@@ -71,9 +76,9 @@ class OutputNormFit:
         """The fitted weight (d_inner,), float64."""
         system = self._system()
         ridge = RIDGE * system.diagonal().mean()
-        return torch.linalg.solve(
-            system + ridge * torch.eye(len(system), dtype=system.dtype, device=system.device), self.rhs.double()
-        )
+        start = self.norm.weight.detach().double()  # the ridge pulls toward it: channels the text never excites keep it
+        eye = torch.eye(len(system), dtype=system.dtype, device=system.device)
+        return torch.linalg.solve(system + ridge * eye, self.rhs + ridge * start)
 
     @torch.no_grad()
     def apply(self) -> dict[str, float]:

@@ -175,6 +175,24 @@ def test_dropping_an_earlier_stage_changes_the_later_ones(tmp_path):
         check_rerun(after, out)
 
 
+def test_a_run_recorded_before_a_key_existed_resumes_under_its_old_behaviour(tmp_path):
+    """settings.json of an older run lacks keys added since (rerun.ADDED_KEYS): they compare as the value that
+    reproduces that run, so it resumes with those values passed and the new defaults name what to pass."""
+    from train.runtime.rerun import ADDED_KEYS
+
+    out = tmp_path / "run"
+    old = stage_settings(typed_config(compose_config([f"output_dir={out}"])), "init")
+    assert set(ADDED_KEYS) <= set(old)  # every added key is part of what the stage records
+    for key in ADDED_KEYS:
+        del old[key]
+    (out / "init").mkdir(parents=True)
+    (out / "init" / "settings.json").write_text(json.dumps(old))
+    with pytest.raises(ConfigError, match=r'student.mamba.gate_init: "random" -> "constant"'):
+        check_rerun(typed_config(compose_config([f"output_dir={out}"])), out)
+    as_before = ["student.mamba.gate_init=random", "student.calibration_rows=0"]
+    check_rerun(typed_config(compose_config([f"output_dir={out}", *as_before])), out)
+
+
 def test_a_damaged_student_of_a_finished_stage_is_named(finished, tmp_path, teacher_cache, forked_cli):
     out = _copy(finished, tmp_path)
     weights = out / "ild" / "student" / "model.safetensors"

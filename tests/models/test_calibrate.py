@@ -1,6 +1,8 @@
 """Calibration of the recurrent mixers' output scale (models/output_fit.py, models/init/calibrate.py) and the
 constant gate of the Mamba2 init, on tiny random teachers saved and loaded the way users load Hub models."""
 
+import copy
+
 import pytest
 import torch
 
@@ -61,7 +63,8 @@ def test_output_norm_fit_is_the_least_squares_solution(kind, tmp_path):
     design, y = torch.cat(rows), torch.cat(targets).flatten()
     ridge = RIDGE * (design.T @ design).diagonal().mean()
     augmented = torch.cat([design, ridge.sqrt() * torch.eye(design.shape[1], dtype=torch.float64)])
-    expected = torch.linalg.lstsq(augmented, torch.cat([y, torch.zeros(design.shape[1], dtype=torch.float64)])).solution
+    toward = ridge.sqrt() * saved_weight.double()  # the ridge pulls toward the weight as initialized
+    expected = torch.linalg.lstsq(augmented, torch.cat([y, toward])).solution
     got = fit.solve()
     print(f"{kind}: normal equations vs lstsq rel err {rel_err(got, expected):.1e}")
     assert rel_err(got, expected) < 1e-6
@@ -136,3 +139,20 @@ def test_constant_gate_without_a_bias_is_refused_before_weights_are_read(tmp_pat
         _student(tmp_path, teacher="llama", in_proj_bias=False)
     with pytest.raises(ValueError, match=r"mamba.gate_init='zero' is invalid"):
         _student(tmp_path, teacher="llama", gate_init="zero")
+
+
+def test_calibration_under_bf16_autocast_keeps_fp32_sums(tmp_path):
+    """The init stage calibrates under the trainer's autocast: the statistics must not be summed in bf16."""
+    teacher, student, _ = _student(tmp_path, kinds=("mamba", "mamba", "mla"))
+    ids = torch.randint(0, 101, (8, 256), generator=torch.Generator().manual_seed(5))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "position_ids": torch.arange(256).expand(8, 256)}
+    fp32 = copy.deepcopy(student)
+    want = calibrate_student(teacher, fp32, [batch])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = calibrate_student(teacher, student, [batch])
+    for a, b in zip(want, got, strict=True):
+        print(
+            f"layer {a['layer']}: error after the fit fp32 {a['calib_rel_err_after']:.5f}, "
+            f"bf16 autocast {b['calib_rel_err_after']:.5f}"
+        )
+        assert b["calib_rel_err_after"] == pytest.approx(a["calib_rel_err_after"], rel=2e-3)

@@ -203,6 +203,8 @@ def test_hub_teachers_are_not_fetched(monkeypatch):
         (["data.seq_len=1"], ["data.seq_len=1", ">= 2"]),
         (["trainer.precision=bf17"], ["trainer.precision='bf17'", "bf16-mixed"]),
         (["student.calibration_rows=-1"], ["student.calibration_rows=-1", ">= 0"]),
+        (["student.calibration_rows=4", "student.mixer_init=random"], ["student.calibration_rows=4", "mixer_init"]),
+        (["student.calibration_rows=4", "data.ild_fraction=0"], ["student.calibration_rows=4", "ild_fraction=0"]),
         (["student.mamba.gate_init=zero"], ["student.mamba.gate_init='zero'", "constant", "random"]),
         (
             ["strategy=deepspeed_zero3", "teacher.shard=true", "student.calibration_rows=4"],

@@ -68,6 +68,12 @@ def test_tiny_pipeline_end_to_end(tmp_path, teacher_cache):
     assert saved["eval"]["final student"]["kv_bytes_per_token"] < saved["eval"]["teacher"]["kv_bytes_per_token"]
     assert saved["tokens_seen"] > 0 and set(saved["stage_seconds"]) == {"init", "ild", "kd", "eval", "export"}
     assert set(saved["ild"]["layer_losses"]) == {"0", "1", "2", "3"}
+    # the init stage fitted each Mamba2 layer's output scale on ILD text, and only those layers
+    layers = json.loads((out / "init" / "init_report.json").read_text())["layers"]
+    for row in layers:
+        fitted = "calib_rel_err_after" in row
+        assert fitted == (row["mixer"] == "mamba"), row
+        assert not fitted or row["calib_rel_err_after"] < row["calib_rel_err_before"], row
     assert (out / "loss_curves.png").stat().st_size > 0 and (out / "ild_layer_losses.png").stat().st_size > 0
     model = AutoModelForCausalLM.from_pretrained(out / "student", trust_remote_code=True)
     tokenizer = AutoTokenizer.from_pretrained(out / "student")

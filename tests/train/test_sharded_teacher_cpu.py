@@ -180,6 +180,8 @@ def test_shard_with_zero3_validates():
     assert cfg.teacher.shard
     # The init stage's calibration would need the whole teacher on one device: off by default under shard.
     assert calibration_rows(cfg) == 0 and calibration_rows(validate_config(compose_config([]))) == 8
+    for other in ("student.mixer_init=random", "data.ild_fraction=0"):  # nothing to fit / no ILD text to fit on
+        assert calibration_rows(validate_config(compose_config([other]))) == 0
 
 
 if __name__ == "__main__":

@@ -115,7 +115,7 @@ class MambaSettings(MambaConfig):
 
     d_state: int | None = None  # None: the teacher's head_dim
     headdim: int | None = None  # None: the teacher's head_dim
-    in_proj_bias: bool | None = None  # None: the teacher's q/k/v bias
+    in_proj_bias: bool | None = None  # None: with gate_init=constant (its bias) or when the teacher has q/k/v biases
     out_proj_bias: bool | None = None  # None: the teacher's o bias
     dt_limit: list[float] = field(default_factory=lambda: [0.0, math.inf])  # clamp of softplus(dt)
     A_init_range: list[float] = field(default_factory=lambda: [1.0, 16.0])

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import ConfigError, at_least, between, choice, fail, one_line
 from .schema import StudentConfig, TrainConfig
+
+if TYPE_CHECKING:
+    from models.teachers import TeacherSpec
 
 
 def student_init_kwargs(student: StudentConfig) -> dict[str, Any]:
@@ -40,16 +43,28 @@ def student_init_kwargs(student: StudentConfig) -> dict[str, Any]:
 DEFAULT_CALIBRATION_ROWS = 8
 
 
+def _calibration_conflict(cfg: TrainConfig) -> str | None:
+    """Why the init stage cannot calibrate this run, or None."""
+    if cfg.teacher.shard:
+        return "teacher.shard=true (calibration runs the whole teacher on one device)"
+    if cfg.student.mixer_init != "attention":
+        return f"student.mixer_init={cfg.student.mixer_init!r} (only mixers initialized from attention are fitted)"
+    if cfg.data.ild_fraction == 0:
+        return "data.ild_fraction=0 (calibration reads the first rows of the ILD stream)"
+    return None
+
+
 def calibration_rows(cfg: TrainConfig) -> int:
-    """`student.calibration_rows` resolved: None is 8 rows, or 0 under teacher.shard (never the whole teacher on
-    one device)."""
+    """`student.calibration_rows` resolved: None is 8 rows, or 0 where the run cannot calibrate (teacher.shard,
+    random mixers, no ILD data); check_student refuses an explicit count there."""
     rows = cfg.student.calibration_rows
     if rows is None:
-        return 0 if cfg.teacher.shard else DEFAULT_CALIBRATION_ROWS
+        return 0 if _calibration_conflict(cfg) else DEFAULT_CALIBRATION_ROWS
     return rows
 
 
-def check_student(cfg: TrainConfig, spec) -> None:
+def check_student(cfg: TrainConfig, spec: TeacherSpec | None) -> None:
+    """`student.*` values, then (with the teacher's shape) the student config init would build."""
     s = cfg.student
     if s.layers is not None:
         if s.mla_layers != StudentConfig.mla_layers:
@@ -94,12 +109,8 @@ def check_student(cfg: TrainConfig, spec) -> None:
     choice("student.mixer_init", s.mixer_init, MIXER_INITS)
     if s.calibration_rows is not None:
         at_least("student.calibration_rows", s.calibration_rows, 0)
-    if s.calibration_rows and cfg.teacher.shard:
-        fail(
-            "student.calibration_rows",
-            s.calibration_rows,
-            "0 with teacher.shard=true (calibration runs the whole teacher on one device)",
-        )
+    if s.calibration_rows and (conflict := _calibration_conflict(cfg)):
+        fail("student.calibration_rows", s.calibration_rows, f"0 or null with {conflict}")
     choice("student.mamba.gate_init", s.mamba.gate_init, mixer_mamba2.GATE_INITS)
     choice("student.mamba.layout", s.mamba.layout, mixer_mamba2.LAYOUTS)
     for key in ("d_conv", "chunk_size", "ngroups", "norm_groups"):

@@ -56,6 +56,13 @@ MAY_CHANGE = (
     "trainer.device_memory_gib",  # the memory pre-flight's capacity, not a numeric setting
 )
 MAY_CHANGE_SUFFIXES = (".val_every_n_steps", ".checkpoint_every_n_steps")
+# Keys added after runs were recorded, with the value that reproduces what those runs did: a settings.json without
+# the key compares as that value, so an older run resumes under its own behaviour (and a rerun with the new default
+# names the key and the value to pass).
+ADDED_KEYS = {
+    "student.mamba.gate_init": "random",  # Mamba2's gate rows kept their random init
+    "student.calibration_rows": 0,  # no calibration in the init stage
+}
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
 SETTINGS_FILE = "settings.json"
 RESTART_FILE = "restart.json"
@@ -121,6 +128,7 @@ def record_stage_settings(cfg: TrainConfig, stage_dir: Path, name: str) -> None:
 def _changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     keys = [k for k in dict.fromkeys([*current, *saved]) if not _may_change(k)]
     missing = object()
+    saved = {**{k: v for k, v in ADDED_KEYS.items() if k in current}, **saved}
     return [
         f"{k}: {_show(saved.get(k, missing))} -> {_show(current.get(k, missing))}"
         for k in keys

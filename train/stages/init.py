@@ -56,7 +56,7 @@ class CalibrationText:
 
     def __init__(self, ctx: Context):
         self.ctx = ctx
-        self.rows = calibration_rows(ctx.cfg) if ctx.cfg.student.mixer_init == "attention" else 0
+        self.rows = calibration_rows(ctx.cfg)
         self.batches: list[dict[str, torch.Tensor]] | None = None
 
     def fit(self, student: HybridForCausalLM, report: InitReport) -> None:
