@@ -97,6 +97,9 @@ def test_padding_takes_no_part_in_the_fit(tmp_path):
     cos30, sin30 = student.model.rope(torch.arange(30)[None])
     padded.add(long_hidden, cos30, sin30, long_docs, torch.cat([target, garbage[:, :6]], 1), mask)
     assert rel_err(padded.solve(), alone.solve()) < 1e-5  # causal: the padded tail changes nothing before it
+    # nor the reported errors (the garbage targets would dominate both sums)
+    assert padded.sq_err_before == pytest.approx(alone.sq_err_before, rel=1e-5)
+    assert padded.sq_target == pytest.approx(alone.sq_target, rel=1e-6)
 
 
 def test_calibrate_student_fits_every_recurrent_layer_on_teacher_text(tmp_path):
@@ -134,7 +137,7 @@ def test_constant_gate_leaves_the_gated_norm_a_plain_rmsnorm(tmp_path):
         assert rel_err(m.norm(y, z), expected) > 0.1
 
 
-def test_constant_gate_without_a_bias_is_refused_before_weights_are_read(tmp_path):
+def test_a_constant_gate_without_a_bias_and_an_unknown_gate_init_are_refused(tmp_path):
     with pytest.raises(ValueError, match=r"student.mamba.in_proj_bias=False does not fit .*gate_init='constant'"):
         _student(tmp_path, teacher="llama", in_proj_bias=False)
     with pytest.raises(ValueError, match=r"mamba.gate_init='zero' is invalid"):
