@@ -69,12 +69,12 @@ class OutputNormFit:
         if self.gram is None:
             raise ValueError("no calibration batch was added")
         wo = self.out_proj.weight.double()
-        return (wo.T @ wo) * self.gram.double()
+        return (wo.T @ wo) * self.gram
 
     @torch.no_grad()
-    def solve(self) -> torch.Tensor:
+    def solve(self, system: torch.Tensor | None = None) -> torch.Tensor:
         """The fitted weight (d_inner,), float64."""
-        system = self._system()
+        system = self._system() if system is None else system
         ridge = RIDGE * system.diagonal().mean()
         start = self.norm.weight.detach().double()  # the ridge pulls toward it: channels the text never excites keep it
         eye = torch.eye(len(system), dtype=system.dtype, device=system.device)
@@ -84,8 +84,9 @@ class OutputNormFit:
     def apply(self) -> dict[str, float]:
         """Write the fitted weight; report the relative error of the mixer output on the calibration tokens before
         and after (the after from the normal equations: ||a - b||^2 - 2 w.r + w^T S w, no second pass)."""
-        w = self.solve()
-        sq_after = self.sq_centered - 2 * (w @ self.rhs.double()).item() + (w @ self._system() @ w).item()
+        system = self._system()
+        w = self.solve(system)
+        sq_after = self.sq_centered - 2 * (w @ self.rhs).item() + (w @ system @ w).item()
         self.norm.weight.copy_(w.to(self.norm.weight.dtype))
         return {
             "calib_rel_err_before": (self.sq_err_before / self.sq_target) ** 0.5,
