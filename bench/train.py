@@ -24,8 +24,10 @@ import gc
 import json
 import math
 import os
+import shutil
 import tempfile
 import time
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -180,7 +182,8 @@ class TeacherCE(L.LightningModule):
 def synthetic_teacher_cache(data: SyntheticPacked, k: int = 64, rows_per_shard: int = 32) -> TeacherCache:
     """A teacher cache of `data`'s rows in kd.teacher_cache's file format (train/runtime/teacher_cache.py): random
     top-k log-probs holding 90 % of the mass, memory-mapped shards in a temporary folder, so a kd_cached step reads
-    and moves what a real cache's step does. Turns on `data.stream_index` (the cache's key)."""
+    and moves what a real cache's step does. Turns on `data.stream_index` (the cache's key). The folder is removed
+    when the cache is collected (or at exit)."""
     folder = Path(tempfile.mkdtemp(prefix="bench_teacher_cache_"))
     g = torch.Generator().manual_seed(0)
     for shard in range(-(-data.rows // rows_per_shard)):
@@ -191,7 +194,10 @@ def synthetic_teacher_cache(data: SyntheticPacked, k: int = 64, rows_per_shard: 
         rest = torch.full((n, data.seq_len), math.log(0.1))
         write_shard(folder, shard, {"ids": ids.numpy(), "logp": logp.numpy(), "rest": rest.numpy()})
     data.stream_index = True
-    return TeacherCache(folder, {"positions": data.rows, "rows_per_shard": rows_per_shard, "k": k})
+    cache = TeacherCache(folder, {"positions": data.rows, "rows_per_shard": rows_per_shard, "k": k})
+    # the folder lives as long as the cache (a benchmark makes one per kd_cached case: MBs each, left in /tmp)
+    weakref.finalize(cache, shutil.rmtree, folder, ignore_errors=True)
+    return cache
 
 
 def make_module(

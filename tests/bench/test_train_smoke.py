@@ -102,3 +102,20 @@ def test_long_context_rows_are_recorded_per_length_and_plotted(tmp_path):
     paths = plot_long_context(results, tmp_path / "long")
     assert [p.name for p in paths] == ["long_throughput.png", "long_memory.png"]
     assert all(p.stat().st_size > 1000 for p in paths)
+
+
+def test_synthetic_teacher_cache_removes_its_folder_with_the_cache():
+    """The benchmark's kd_cached case writes MBs of shards to a temporary folder per case: gone with the cache."""
+    import gc
+
+    import torch
+
+    from bench.train import SyntheticPacked, synthetic_teacher_cache
+
+    cache = synthetic_teacher_cache(SyntheticPacked(rows=3, seq_len=16, vocab=50, doc_len=8), k=4, rows_per_shard=2)
+    folder = cache.path
+    ids, _, _ = cache.lookup(torch.tensor([0, 2]))
+    assert folder.is_dir() and ids.shape == (2, 16, 4)
+    del cache, ids
+    gc.collect()
+    assert not folder.exists()
