@@ -88,14 +88,15 @@ ROWS: dict[str, Row] = {
         ("stages=[init,ild,kd,eval,export]", "student.mamba.gate_init=random", "student.calibration_rows=0"),
         fixed_map=True,
     ),
-    "rope_per_kv_head": Row(
-        "a RoPE key per KV head (3 x 16 dims) and kv_lora_rank 112: the same 160 values per token",
+    "rope_shared": Row(
+        "one RoPE key shared by all heads (32 dims) and kv_lora_rank 128 (DeepSeek's layout, the preset's until "
+        "12-08): the same 160 values per token",
         (
             "stages=[init,ild,kd,eval,export]",
-            "student.mla.rope_heads=per_kv_head",
-            "student.mla.qk_rope_head_dim=16",
-            "student.mla.qk_nope_head_dim=48",
-            "student.mla.kv_lora_rank=112",
+            "student.mla.rope_heads=shared",
+            "student.mla.qk_rope_head_dim=32",
+            "student.mla.qk_nope_head_dim=32",
+            "student.mla.kv_lora_rank=128",
         ),
         fixed_map=True,
     ),

@@ -25,7 +25,7 @@ ORDER = (
     "kd_lr1e3",
     "mla4",
     "mla12",
-    "rope_per_kv_head",
+    "rope_shared",
     "rank64",
     "rank256",
     "teacher_cache",

@@ -82,7 +82,7 @@ rows)  # rows that reuse none of main's stages (e.g. the GDN rows), without main
   ;;
 all)
   # rows in the order they start; with ABLATION_KD < KD add `baseline` first (the preset at the ablation budget)
-  fidelity --rows "main,${ROWS:-zebra_init,rope_per_kv_head,no_ild,random_mixers,uniform,reverse_kl,teacher_cache,jsd,mla4,mla12,kd_lr1e3,rank64,rank256,mla_gdn,smart_3kinds}" \
+  fidelity --rows "main,${ROWS:-zebra_init,rope_shared,no_ild,random_mixers,uniform,reverse_kl,teacher_cache,jsd,mla4,mla12,kd_lr1e3,rank64,rank256,mla_gdn,smart_3kinds}" \
     --parallel "${PARALLEL:-2}" --ild-steps "${ILD:-100}" --kd-steps "${KD:-300}" --ablation-kd-steps "${ABLATION_KD:-300}" \
     --deadline-s "${DEADLINE:-500}" --max-train-mb "${TRAIN_MB:-100}" --chats "${CHATS:-1500}" \
     ${CHATS_FILE:+--chats-file "$CHATS_FILE"} "${EXTRA[@]}"

@@ -22,8 +22,8 @@ SMOLLM2 = dict(
     mla=dict(kv_lora_rank=128, qk_nope_head_dim=32, qk_rope_head_dim=32, v_head_dim=64),
     mamba=dict(d_state=64, headdim=64, chunk_size=256),
 )
-# At the same 160 cached values per token: a RoPE key per teacher KV head (3 x 16 dims) and rank 112, the layout the
-# `rope_per_kv_head` benchmark row trains (better at init and through ILD on CPU, docs/fidelity.md).
+# At the same 160 cached values per token: a RoPE key per teacher KV head (3 x 16 dims) and rank 112, the
+# smollm2_135m preset's layout since 12-08 (SMOLLM2's shared key above is the `rope_shared` benchmark row's).
 PER_KV_HEAD_MLA = dict(
     kv_lora_rank=112, qk_nope_head_dim=48, qk_rope_head_dim=16, v_head_dim=64, rope_heads="per_kv_head"
 )

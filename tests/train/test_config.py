@@ -342,7 +342,8 @@ def test_smollm2_preset_fits_its_teacher_within_the_kv_budget(tmp_path):
     cfg = compose_config(["conf=smollm2_135m", f"teacher.name_or_path={tmp_path}"])
     validate_config(cfg)
     mla = cfg.student.mla
-    student = cfg.student.num_mla_layers * (mla.kv_lora_rank + mla.qk_rope_head_dim)  # one shared RoPE key head
+    assert mla.rope_heads == "per_kv_head"  # one RoPE key per teacher KV head (3) is cached beside the latent
+    student = cfg.student.num_mla_layers * (mla.kv_lora_rank + 3 * mla.qk_rope_head_dim)
     teacher = 30 * 2 * 3 * 64
     assert cfg.student.mla_layers == "smart" and "select" in cfg.stages
     assert student / teacher == pytest.approx(0.111, abs=1e-3) and student / teacher <= 0.12
